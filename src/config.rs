@@ -1,0 +1,550 @@
+//! The site configuration: links, meters, Modbus device profiles (TOML).
+//!
+//! Loading checks everything that can be checked without touching a meter, so that the
+//! daemon and the `meter` verbs refuse a broken file up front with a message that names
+//! the file and says what to write instead.
+
+use std::collections::{BTreeMap, HashSet};
+use std::path::{Path, PathBuf};
+
+use serde::Deserialize;
+
+use crate::meter::MeterId;
+use crate::secrets::{KeyFileError, MeterKeys};
+
+/// Default time allowed for one exchange (request sent to complete answer).
+pub const DEFAULT_TIMEOUT_MS: u64 = 5000;
+
+/// The whole site configuration.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct SiteConfig {
+    /// Where state that must survive restarts lives; relative to the config file.
+    #[serde(default)]
+    pub state_dir: Option<PathBuf>,
+    /// Physical links.
+    #[serde(default, rename = "link")]
+    pub links: Vec<LinkConfig>,
+    /// Meters.
+    #[serde(default, rename = "meter")]
+    pub meters: Vec<MeterConfig>,
+    /// Modbus device profiles by name.
+    #[serde(default, rename = "modbus_profile")]
+    pub modbus_profiles: BTreeMap<String, ModbusProfile>,
+    /// The directory of the file this was loaded from (for relative paths).
+    #[serde(skip)]
+    pub base_dir: PathBuf,
+}
+
+/// Which protocol stack runs on a link.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum LinkProtocol {
+    /// DLMS/COSEM with the IEC 62056-47 wrapper over TCP.
+    DlmsWrapper,
+    /// DLMS/COSEM over HDLC (serial, or TCP through a transparent gateway).
+    DlmsHdlc,
+    /// Modbus TCP (also RTU devices behind a TCP gateway, by unit id).
+    ModbusTcp,
+    /// Modbus RTU on a serial port.
+    ModbusRtu,
+}
+
+impl LinkProtocol {
+    /// True for the DLMS stacks.
+    pub fn is_dlms(self) -> bool {
+        matches!(self, Self::DlmsWrapper | Self::DlmsHdlc)
+    }
+}
+
+/// One physical link.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct LinkConfig {
+    /// The link's name, referenced by meters.
+    pub name: String,
+    /// The protocol stack.
+    pub protocol: LinkProtocol,
+    /// TCP endpoint `host:port`.
+    #[serde(default)]
+    pub address: Option<String>,
+    /// Serial device path.
+    #[serde(default)]
+    pub serial: Option<String>,
+    /// Serial speed.
+    #[serde(default)]
+    pub baud: Option<u32>,
+    /// Time allowed for one exchange.
+    #[serde(default = "default_timeout")]
+    pub timeout_ms: u64,
+    /// HDLC link parameters proposed in SNRM.
+    #[serde(default)]
+    pub hdlc: HdlcOptions,
+}
+
+fn default_timeout() -> u64 {
+    DEFAULT_TIMEOUT_MS
+}
+
+/// HDLC parameters a head-end proposes; the meter may lower them in its UA.
+#[derive(Debug, Clone, Copy, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct HdlcOptions {
+    /// Largest information field sent and accepted.
+    #[serde(default = "default_max_info")]
+    pub max_info: u16,
+    /// Frames in flight before an acknowledgement.
+    #[serde(default = "default_window")]
+    pub window: u8,
+    /// Retransmissions of an unanswered frame before the exchange fails.
+    #[serde(default = "default_retries")]
+    pub retries: u8,
+}
+
+impl Default for HdlcOptions {
+    fn default() -> Self {
+        Self { max_info: default_max_info(), window: default_window(), retries: default_retries() }
+    }
+}
+
+fn default_max_info() -> u16 {
+    128
+}
+fn default_window() -> u8 {
+    1
+}
+fn default_retries() -> u8 {
+    2
+}
+
+/// How a DLMS client authenticates.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum AuthKind {
+    /// No authentication (the public client).
+    #[default]
+    None,
+    /// Low level security: a password.
+    Lls,
+    /// High level security with GMAC, security suite 0 (authenticated and encrypted).
+    HlsGmac,
+}
+
+/// One meter.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct MeterConfig {
+    /// The registry id.
+    pub id: MeterId,
+    /// The link it is reached over.
+    pub link: String,
+    /// The identity the meter must answer before it is switched.
+    #[serde(default)]
+    pub identity: Option<String>,
+    /// The billing account (used by payment-driven reconnects).
+    #[serde(default)]
+    pub account: Option<String>,
+    /// DLMS: wrapper destination wPort / HDLC upper (logical device) address.
+    #[serde(default = "default_logical_device")]
+    pub logical_device: u16,
+    /// DLMS over HDLC: lower (physical device) address.
+    #[serde(default)]
+    pub physical_address: Option<u16>,
+    /// DLMS: the client SAP (16 public, 1 management).
+    #[serde(default = "default_client_sap")]
+    pub client_sap: u8,
+    /// DLMS authentication.
+    #[serde(default)]
+    pub auth: AuthKind,
+    /// The key file (password or HLS keys).
+    #[serde(default)]
+    pub keys: Option<PathBuf>,
+    /// Applied when the meter's clock gives no deviation.
+    #[serde(default)]
+    pub timezone_offset_minutes: Option<i16>,
+    /// Modbus unit id.
+    #[serde(default)]
+    pub unit_id: Option<u8>,
+    /// Modbus device profile name.
+    #[serde(default)]
+    pub modbus_profile: Option<String>,
+}
+
+fn default_logical_device() -> u16 {
+    1
+}
+fn default_client_sap() -> u8 {
+    16
+}
+
+/// Where a Modbus model keeps what the head-end needs.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ModbusProfile {
+    /// Serial number registers (ASCII, two characters per register).
+    #[serde(default)]
+    pub serial: Option<RegisterSpan>,
+    /// Active energy import.
+    #[serde(default)]
+    pub energy_import: Option<ValueRegister>,
+    /// Active energy export.
+    #[serde(default)]
+    pub energy_export: Option<ValueRegister>,
+    /// The coil that switches the relay (on = connect).
+    #[serde(default)]
+    pub relay_coil: Option<u16>,
+    /// Or a holding register that switches it.
+    #[serde(default)]
+    pub relay_register: Option<RelayRegister>,
+    /// Where the relay state is read back.
+    #[serde(default)]
+    pub relay_status: Option<RelayReadback>,
+    /// Clock registers: Y, M, D, h, m, s in local time.
+    #[serde(default)]
+    pub clock: Option<ClockRegisters>,
+}
+
+/// A run of holding registers.
+#[derive(Debug, Clone, Copy, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RegisterSpan {
+    /// First register address.
+    pub register: u16,
+    /// How many registers.
+    pub words: u16,
+}
+
+/// Which register table a value lives in.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum RegisterTable {
+    /// Function 0x03.
+    #[default]
+    Holding,
+    /// Function 0x04.
+    Input,
+}
+
+/// A numeric value in registers.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ValueRegister {
+    /// First register address.
+    pub register: u16,
+    /// Holding or input registers.
+    #[serde(default)]
+    pub table: RegisterTable,
+    /// Encoding.
+    #[serde(rename = "type")]
+    pub kind: ValueType,
+    /// Order of the 16-bit words.
+    #[serde(default)]
+    pub word_order: WordOrder,
+    /// Multiply the raw value by this to get `unit`.
+    #[serde(default = "one")]
+    pub scale: f64,
+    /// The unit after scaling.
+    pub unit: String,
+}
+
+fn one() -> f64 {
+    1.0
+}
+
+/// How a value is encoded in registers.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum ValueType {
+    /// Unsigned 16 bits, one register.
+    U16,
+    /// Unsigned 32 bits, two registers.
+    U32,
+    /// Signed 32 bits, two registers.
+    I32,
+    /// IEEE 754 single, two registers.
+    F32,
+    /// Unsigned 64 bits, four registers.
+    U64,
+}
+
+impl ValueType {
+    /// Registers occupied.
+    pub fn words(self) -> u16 {
+        match self {
+            Self::U16 => 1,
+            Self::U32 | Self::I32 | Self::F32 => 2,
+            Self::U64 => 4,
+        }
+    }
+}
+
+/// Word order of multi-register values.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum WordOrder {
+    /// Most significant word first (the Modbus convention).
+    #[default]
+    Big,
+    /// Least significant word first (common in meters too).
+    Little,
+}
+
+/// A holding register that switches the relay by writing a value.
+#[derive(Debug, Clone, Copy, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RelayRegister {
+    /// Register address.
+    pub register: u16,
+    /// Value that connects.
+    pub connect: u16,
+    /// Value that disconnects.
+    pub disconnect: u16,
+}
+
+/// Where the relay state is read back.
+#[derive(Debug, Clone, Copy, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RelayReadback {
+    /// A discrete input: 1 = closed.
+    #[serde(default)]
+    pub discrete_input: Option<u16>,
+    /// A coil: 1 = closed.
+    #[serde(default)]
+    pub coil: Option<u16>,
+    /// A holding register whose value `connected_value` means closed.
+    #[serde(default)]
+    pub register: Option<u16>,
+    /// See `register`.
+    #[serde(default = "one_u16")]
+    pub connected_value: u16,
+}
+
+fn one_u16() -> u16 {
+    1
+}
+
+/// Six holding registers with the local time.
+#[derive(Debug, Clone, Copy, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ClockRegisters {
+    /// First register (year).
+    pub register: u16,
+}
+
+/// A configuration that cannot be used, with what to write instead.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    /// The file could not be read.
+    #[error("{path}: cannot read: {source}")]
+    Read {
+        /// The file.
+        path: PathBuf,
+        /// Why.
+        source: std::io::Error,
+    },
+    /// TOML syntax or a field of the wrong type; the message carries line and column.
+    #[error("{path}: {message}")]
+    Syntax {
+        /// The file.
+        path: PathBuf,
+        /// The parser's message, with the line.
+        message: String,
+    },
+    /// Something that parses but cannot work.
+    #[error("{path}: {problem}")]
+    Invalid {
+        /// The file.
+        path: PathBuf,
+        /// What is wrong and what to write instead.
+        problem: String,
+    },
+    /// A key file is missing or malformed.
+    #[error(transparent)]
+    Keys(#[from] KeyFileError),
+}
+
+impl SiteConfig {
+    /// Read, parse and check a configuration file.
+    pub fn load(path: &Path) -> Result<Self, ConfigError> {
+        let text =
+            std::fs::read_to_string(path).map_err(|source| ConfigError::Read { path: path.to_owned(), source })?;
+        let mut cfg = Self::parse(&text).map_err(|message| ConfigError::Syntax { path: path.to_owned(), message })?;
+        cfg.base_dir = path.parent().map(Path::to_path_buf).unwrap_or_default();
+        let problems = cfg.problems();
+        if !problems.is_empty() {
+            return Err(ConfigError::Invalid { path: path.to_owned(), problem: problems.join("\n  ") });
+        }
+        Ok(cfg)
+    }
+
+    /// Parse TOML text (no semantic checks).
+    pub fn parse(text: &str) -> Result<Self, String> {
+        toml::from_str(text).map_err(|e| e.to_string())
+    }
+
+    /// Everything wrong with this configuration, each with what to write instead.
+    pub fn problems(&self) -> Vec<String> {
+        let mut out = Vec::new();
+        let mut names = HashSet::new();
+        for link in &self.links {
+            if !names.insert(link.name.as_str()) {
+                out.push(format!("link {:?} is defined twice: give each [[link]] its own name", link.name));
+            }
+            match (&link.address, &link.serial) {
+                (Some(_), Some(_)) => out.push(format!(
+                    "link {:?} has both `address` and `serial`: keep one (TCP host:port, or a serial device)",
+                    link.name
+                )),
+                (None, None) => out.push(format!(
+                    "link {:?} has neither `address` nor `serial`: add address = \"host:port\" or serial = \"/dev/ttyUSB0\"",
+                    link.name
+                )),
+                _ => {}
+            }
+            if link.serial.is_some() && matches!(link.protocol, LinkProtocol::DlmsWrapper | LinkProtocol::ModbusTcp) {
+                out.push(format!(
+                    "link {:?}: protocol {:?} runs over TCP only: use address = \"host:port\", or protocol dlms-hdlc / modbus-rtu on a serial port",
+                    link.name, link.protocol
+                ));
+            }
+            if link.timeout_ms == 0 {
+                out.push(format!("link {:?}: timeout_ms = 0 never waits for an answer: use e.g. 5000", link.name));
+            }
+            if link.hdlc.max_info < 32 || link.hdlc.max_info > 2030 || link.hdlc.window == 0 || link.hdlc.window > 7 {
+                out.push(format!(
+                    "link {:?}: hdlc max_info must be 32..=2030 and window 1..=7 (defaults 128 and 1)",
+                    link.name
+                ));
+            }
+        }
+        let mut ids = HashSet::new();
+        for m in &self.meters {
+            if !ids.insert(m.id.as_str()) {
+                out.push(format!("meter {} is defined twice: meter ids are unique", m.id));
+            }
+            let Some(link) = self.links.iter().find(|l| l.name == m.link) else {
+                out.push(format!("meter {}: no [[link]] named {:?}: add it or fix `link`", m.id, m.link));
+                continue;
+            };
+            if link.protocol.is_dlms() {
+                if m.auth != AuthKind::None && m.keys.is_none() {
+                    out.push(format!(
+                        "meter {}: auth {:?} needs `keys = \"path/to/keys.toml\"` (see config/keys.example.toml)",
+                        m.id, m.auth
+                    ));
+                }
+                if link.protocol == LinkProtocol::DlmsHdlc && m.physical_address.is_none() {
+                    out.push(format!(
+                        "meter {}: on an HDLC link, set physical_address (the meter's lower HDLC address, e.g. 17)",
+                        m.id
+                    ));
+                }
+                if m.physical_address.is_some_and(|p| p > 0x3FFF) || m.logical_device > 0x3FFF {
+                    out.push(format!("meter {}: HDLC addresses are 14 bits (0..=16383)", m.id));
+                }
+            } else {
+                match &m.modbus_profile {
+                    None => out.push(format!(
+                        "meter {}: a Modbus meter needs modbus_profile = \"...\" naming a [modbus_profile.NAME]",
+                        m.id
+                    )),
+                    Some(p) if !self.modbus_profiles.contains_key(p) => {
+                        out.push(format!("meter {}: no [modbus_profile.{p}] section", m.id))
+                    }
+                    _ => {}
+                }
+                if m.unit_id.is_none() {
+                    out.push(format!("meter {}: a Modbus meter needs unit_id = 1..=247", m.id));
+                }
+            }
+            if let Some(keys) = &m.keys {
+                if let Err(e) = MeterKeys::load(&self.resolve(keys)) {
+                    out.push(format!("meter {}: {e}", m.id));
+                }
+            }
+        }
+        for (name, p) in &self.modbus_profiles {
+            if p.relay_coil.is_some() && p.relay_register.is_some() {
+                out.push(format!("modbus_profile {name}: set relay_coil or relay_register, not both"));
+            }
+        }
+        out
+    }
+
+    /// A path from the file, relative to the file's directory.
+    pub fn resolve(&self, p: &Path) -> PathBuf {
+        if p.is_absolute() {
+            p.to_owned()
+        } else {
+            self.base_dir.join(p)
+        }
+    }
+
+    /// The state directory, resolved.
+    pub fn state_dir(&self) -> PathBuf {
+        self.resolve(self.state_dir.as_deref().unwrap_or(Path::new("state")))
+    }
+
+    /// A meter by id.
+    pub fn meter(&self, id: &str) -> Option<&MeterConfig> {
+        self.meters.iter().find(|m| m.id.as_str() == id)
+    }
+
+    /// A link by name.
+    pub fn link(&self, name: &str) -> Option<&LinkConfig> {
+        self.links.iter().find(|l| l.name == name)
+    }
+
+    /// The keys of a meter, loaded from its key file.
+    pub fn keys_of(&self, meter: &MeterConfig) -> Result<Option<MeterKeys>, KeyFileError> {
+        meter.keys.as_ref().map(|k| MeterKeys::load(&self.resolve(k))).transpose()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_shipped_example_parses() {
+        let text = include_str!("../config/site.toml");
+        let cfg = SiteConfig::parse(text).expect("example parses");
+        assert_eq!(cfg.links.len(), 4);
+        assert_eq!(cfg.meters.len(), 3);
+        assert!(cfg.modbus_profiles.contains_key("meter-sim"));
+    }
+
+    #[test]
+    fn problems_say_what_to_write() {
+        let cfg = SiteConfig::parse(
+            r#"
+            [[link]]
+            name = "a"
+            protocol = "dlms-hdlc"
+            [[meter]]
+            id = "M1"
+            link = "a"
+            [[meter]]
+            id = "M2"
+            link = "nowhere"
+            "#,
+        )
+        .expect("parses");
+        let p = cfg.problems().join("\n");
+        assert!(p.contains("neither `address` nor `serial`"), "{p}");
+        assert!(p.contains("physical_address"), "{p}");
+        assert!(p.contains("no [[link]] named \"nowhere\""), "{p}");
+    }
+
+    #[test]
+    fn syntax_errors_name_the_line() {
+        let err = SiteConfig::parse("[[link]]\nname = 3\n").expect_err("wrong type");
+        assert!(err.contains("line 2"), "{err}");
+    }
+
+    #[test]
+    fn bad_ids_are_refused() {
+        let err = SiteConfig::parse("[[meter]]\nid = \"no spaces\"\nlink = \"x\"\n").expect_err("bad id");
+        assert!(err.contains("invalid id"), "{err}");
+    }
+}

@@ -1,0 +1,15 @@
+//! `headend`: the head-end a power utility runs to read smart meters and to cut and
+//! restore supply remotely, over DLMS/COSEM and Modbus.
+//!
+//! Layers, bottom up: [`link`] (byte streams), [`dlms`] and [`modbus`] (protocol
+//! drivers), [`driver`] (one protocol-neutral face), [`config`] and [`secrets`] (the
+//! site), [`meter`] (the types every layer shares).
+
+pub mod config;
+pub mod dlms;
+pub mod driver;
+pub mod link;
+pub mod meter;
+pub mod modbus;
+pub mod secrets;
+pub mod time;
