@@ -8,6 +8,7 @@
 pub mod config;
 pub mod dlms;
 pub mod driver;
+pub mod inbound;
 pub mod link;
 pub mod meter;
 pub mod modbus;
