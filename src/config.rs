@@ -9,7 +9,10 @@ use std::path::{Path, PathBuf};
 
 use serde::Deserialize;
 
+use crate::command::CommandsConfig;
+use crate::contract::AccountId;
 use crate::meter::MeterId;
+use crate::policy::{PolicyConfig, Protection};
 use crate::secrets::{KeyFileError, MeterKeys};
 
 /// Default time allowed for one exchange (request sent to complete answer).
@@ -31,6 +34,16 @@ pub struct SiteConfig {
     /// Modbus device profiles by name.
     #[serde(default, rename = "modbus_profile")]
     pub modbus_profiles: BTreeMap<String, ModbusProfile>,
+    /// Billing accounts that need more than a name: protection flags. A meter's account
+    /// that is not listed here is an ordinary, unprotected account.
+    #[serde(default, rename = "account")]
+    pub accounts: Vec<AccountConfig>,
+    /// Policy gates on disconnections (service window, notice, rate limits).
+    #[serde(default)]
+    pub policy: PolicyConfig,
+    /// Command life-cycle settings (expiry, retries).
+    #[serde(default)]
+    pub commands: CommandsConfig,
     /// The directory of the file this was loaded from (for relative paths).
     #[serde(skip)]
     pub base_dir: PathBuf,
@@ -175,6 +188,18 @@ fn default_logical_device() -> u16 {
 }
 fn default_client_sap() -> u8 {
     16
+}
+
+/// One billing account's flags.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct AccountConfig {
+    /// The account id, as billing writes it in payments.
+    pub id: AccountId,
+    /// Set for accounts that must never be cut for arrears (medical, life_support,
+    /// hospital, guaranteed_power).
+    #[serde(default)]
+    pub protection: Option<Protection>,
 }
 
 /// Where a Modbus model keeps what the head-end needs.
@@ -462,7 +487,18 @@ impl SiteConfig {
                     out.push(format!("meter {}: {e}", m.id));
                 }
             }
+            if let Some(Err(e)) = m.account.as_deref().map(AccountId::new) {
+                out.push(format!("meter {}: account: {e}", m.id));
+            }
         }
+        let mut accounts = HashSet::new();
+        for a in &self.accounts {
+            if !accounts.insert(a.id.as_str()) {
+                out.push(format!("account {} is defined twice: merge the [[account]] entries", a.id));
+            }
+        }
+        out.extend(self.policy.problems());
+        out.extend(self.commands.problems());
         for (name, p) in &self.modbus_profiles {
             if p.relay_coil.is_some() && p.relay_register.is_some() {
                 out.push(format!("modbus_profile {name}: set relay_coil or relay_register, not both"));
@@ -540,6 +576,51 @@ mod tests {
     fn syntax_errors_name_the_line() {
         let err = SiteConfig::parse("[[link]]\nname = 3\n").expect_err("wrong type");
         assert!(err.contains("line 2"), "{err}");
+    }
+
+    #[test]
+    fn accounts_and_policy_are_optional_with_safe_defaults() {
+        let cfg = SiteConfig::parse("").expect("empty parses");
+        assert!(cfg.accounts.is_empty());
+        assert_eq!(cfg.policy.notice_hours, 72);
+        assert!(cfg.problems().is_empty());
+        let cfg = SiteConfig::parse(
+            r#"
+            [[account]]
+            id = "ACC-1"
+            protection = "life_support"
+            [policy]
+            utc_offset_minutes = 480
+            notice_hours = 120
+            [policy.window]
+            days = ["mon", "tue"]
+            start = "08:30"
+            end = "17:00"
+            holidays = ["2026-10-01"]
+            [policy.rate]
+            global_per_hour = 100
+            [commands]
+            default_expiry_s = 3600
+            "#,
+        )
+        .expect("parses");
+        assert_eq!(cfg.accounts[0].protection, Some(Protection::LifeSupport));
+        assert_eq!(cfg.policy.window.days.len(), 2);
+        assert_eq!(cfg.policy.rate.global_per_hour, 100);
+        assert_eq!(cfg.policy.rate.channel_burst, 10);
+        assert_eq!(cfg.commands.default_expiry_s, 3600);
+        assert!(cfg.problems().is_empty(), "{:?}", cfg.problems());
+    }
+
+    #[test]
+    fn unusable_policy_is_refused() {
+        let cfg =
+            SiteConfig::parse("[policy.window]\ndays = []\nstart = \"16:00\"\nend = \"09:00\"\n").expect("parses");
+        let p = cfg.problems().join("\n");
+        assert!(p.contains("days is empty"), "{p}");
+        assert!(p.contains("start must be before end"), "{p}");
+        assert!(SiteConfig::parse("[policy.window]\nholidays = [\"2026-02-30\"]\n").is_err());
+        assert!(SiteConfig::parse("[policy.window]\nstart = \"9am\"\n").is_err());
     }
 
     #[test]

@@ -62,7 +62,8 @@ impl InboundListener {
     /// Accept the next connection and identify the device on it. An error concerns that
     /// one connection only (it is dropped); the listener goes on.
     pub async fn accept(&self) -> Result<DialIn, MeterError> {
-        let (stream, peer) = self.listener.accept().await.map_err(|e| MeterError::LinkClosed(format!("accept: {e}")))?;
+        let (stream, peer) =
+            self.listener.accept().await.map_err(|e| MeterError::LinkClosed(format!("accept: {e}")))?;
         let _ = stream.set_nodelay(true);
         let mut port = Port::from_io(stream, format!("dial-in {peer}"));
         let (logical_device, physical_address) = match self.transport {

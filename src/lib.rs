@@ -5,12 +5,16 @@
 //! drivers), [`driver`] (one protocol-neutral face), [`config`] and [`secrets`] (the
 //! site), [`meter`] (the types every layer shares).
 
+pub mod command;
 pub mod config;
+pub mod contract;
 pub mod dlms;
 pub mod driver;
 pub mod inbound;
+pub mod journal;
 pub mod link;
 pub mod meter;
 pub mod modbus;
+pub mod policy;
 pub mod secrets;
 pub mod time;

@@ -1,5 +1,5 @@
-//! The `headend` command: the daemon (later), and the field engineer's verbs that talk
-//! to one meter directly.
+//! The `headend` command: the demo, and the field engineer's verbs that talk to one
+//! meter directly (the daemon comes with the MQTT work).
 
 mod cli;
 
@@ -17,6 +17,8 @@ struct Cli {
 
 #[derive(Subcommand, Debug)]
 enum Command {
+    /// Run a simulated fleet in-process and show the head-end working on it.
+    Demo(cli::demo::DemoArgs),
     /// Talk to one meter directly, without the daemon or a broker (commissioning).
     Meter(cli::meter::MeterArgs),
     /// Check a configuration file and report every problem.
@@ -44,6 +46,7 @@ fn main() -> ExitCode {
     };
     let result = runtime.block_on(async {
         match cli.command {
+            Command::Demo(args) => cli::demo::run(args).await,
             Command::Meter(args) => cli::meter::run(args).await,
             Command::CheckConfig { config } => cli::check_config(&config),
         }

@@ -1,5 +1,6 @@
 //! Command-line verbs.
 
+pub mod demo;
 pub mod meter;
 
 use std::path::Path;

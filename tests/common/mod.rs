@@ -1,5 +1,8 @@
-//! Shared test fixtures: temporary directories, pty pairs from socat.
+//! Shared test fixtures: temporary directories, pty pairs from socat, site configs.
 #![allow(dead_code)]
+
+pub mod proxy;
+pub mod site;
 
 use std::io::{BufRead, BufReader};
 use std::path::{Path, PathBuf};
