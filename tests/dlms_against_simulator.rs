@@ -448,3 +448,17 @@ async fn small_hdlc_frames_and_a_window_of_three_segment_both_ways() {
     assert_eq!(d.disconnect(&mut link).await.expect("cut"), SwitchOutcome::Done);
     d.close(&mut link).await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_meter_that_refuses_range_access_is_read_by_entry() {
+    let s = setup().await;
+    let (mut d, mut link) = open(&s.site, "M-NONE").await;
+    let now = headend::time::Clock::now(&headend::time::SystemClock);
+    let by_range = d.read_profile(&mut link, cosem::LOAD_PROFILE, now - 5 * 3600, now).await.expect("by range");
+    s.sim.set_faults("SIM0000000001", Faults { refuse_range_access: true, ..Faults::default() }).expect("fault");
+    let by_entry = d.read_profile(&mut link, cosem::LOAD_PROFILE, now - 5 * 3600, now).await.expect("by entry");
+    // The same rows, whichever way they were selected (values may only grow at the end).
+    let times = |p: &headend::meter::LoadProfile| p.rows.iter().map(|r| r.unix_seconds).collect::<Vec<_>>();
+    assert_eq!(times(&by_entry), times(&by_range));
+    assert!(!by_entry.rows.is_empty());
+}

@@ -239,6 +239,9 @@ pub struct Faults {
     pub offline: bool,
     /// The meter's clock runs this many seconds ahead (negative: behind) of true time.
     pub clock_drift_s: i64,
+    /// The load profile refuses selective access by range (selector 1), as some meters
+    /// do; by entry (selector 2) still works.
+    pub refuse_range_access: bool,
 }
 
 /// Where [`FleetConfig::generate`] puts its endpoints.

@@ -99,6 +99,9 @@ impl MeterStore {
     ) -> StoreResult<()> {
         let bad = |_| DataAccessResult::OtherReason;
         match attr {
+            2 if access.is_some_and(|a| a.selector == 1) && self.meter()?.faults().refuse_range_access => {
+                Err(DataAccessResult::ObjectUnavailable)
+            }
             2 => profile::write_buffer(rows, access, self.fleet.utc_offset_min, DLMS_N, w),
             3 => profile::write_capture_objects(rows, w).map_err(bad),
             4 => Data::DoubleLongUnsigned(period).encode(w).map_err(bad),
