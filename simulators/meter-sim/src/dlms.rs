@@ -13,7 +13,7 @@ use dlms_cosem_rs::codec::{Decode, Encode};
 use dlms_cosem_rs::security::{
     KeyRing, RandomSource, RustCryptoProvider, Secret, SecurityPolicy, SecuritySuite, SystemTitle,
 };
-use dlms_cosem_rs::server::{Server, ServerConfig};
+use dlms_cosem_rs::server::{Server, ServerConfig, ServerState};
 use rand::RngCore;
 
 use crate::config::SimAuth;
@@ -114,7 +114,16 @@ impl Association {
         }
         match result {
             Ok(0) => None,
-            Ok(n) => self.out.get(..n).map(<[u8]>::to_vec),
+            Ok(n) => {
+                let mut answer = self.out.get(..n).map(<[u8]>::to_vec)?;
+                if self.server.state() == ServerState::AwaitingHlsReply {
+                    // dlms-cosem-rs 0.1.0 accepts an HLS AARQ with diagnostic null; the
+                    // standard says authentication-required (14), which is what tells a
+                    // client to send pass 3. Gurux, for one, skips it otherwise.
+                    mark_authentication_required(&mut answer);
+                }
+                Some(answer)
+            }
             Err(e) => {
                 tracing::debug!(meter = %meter.spec.id, error = ?e, "unanswerable APDU");
                 None
@@ -140,5 +149,60 @@ impl Association {
         let diagnostic = UserDiagnostic::NoReasonGiven.as_u8();
         meter.record(&self.fleet, Activity::AssociationRefused { sap, diagnostic });
         Some(out)
+    }
+}
+
+/// In an AARE, set the acse-service-user diagnostic to authentication-required (14).
+/// Walks the top-level BER elements so nothing but that one byte can change.
+fn mark_authentication_required(aare: &mut [u8]) {
+    /// A BER length at `at`: (value, bytes used).
+    fn length(b: &[u8], at: usize) -> Option<(usize, usize)> {
+        match *b.get(at)? {
+            n @ 0..=0x7F => Some((usize::from(n), 1)),
+            0x81 => Some((usize::from(*b.get(at + 1)?), 2)),
+            0x82 => Some(((usize::from(*b.get(at + 1)?) << 8) | usize::from(*b.get(at + 2)?), 3)),
+            _ => None,
+        }
+    }
+    if aare.first() != Some(&0x61) {
+        return;
+    }
+    let Some((_, used)) = length(aare, 1) else { return };
+    let mut at = 1 + used;
+    while at < aare.len() {
+        let tag = aare[at];
+        let Some((len, used)) = length(aare, at + 1) else { return };
+        let body = at + 1 + used;
+        // result-source-diagnostic: A3 05 { A1 03 { 02 01 <diagnostic> } } (acse-service-user).
+        if tag == 0xA3 && len == 5 && aare.get(body..body + 4) == Some(&[0xA1, 0x03, 0x02, 0x01]) {
+            if let Some(d) = aare.get_mut(body + 4) {
+                *d = 0x0E;
+            }
+            return;
+        }
+        at = body + len;
+    }
+}
+
+#[cfg(test)]
+mod aare_tests {
+    use super::mark_authentication_required;
+
+    #[test]
+    fn the_hls_aare_says_authentication_required() {
+        let mut aare = vec![
+            0x61, 0x1D, 0xA1, 0x09, 0x06, 0x07, 0x60, 0x85, 0x74, 0x05, 0x08, 0x01, 0x03, 0xA2, 0x03, 0x02, 0x01, 0x00,
+            0xA3, 0x05, 0xA1, 0x03, 0x02, 0x01, 0x00, 0x88, 0x02, 0x07, 0x80,
+        ];
+        let before = aare.clone();
+        mark_authentication_required(&mut aare);
+        assert_eq!(aare[24], 0x0E);
+        assert_eq!(aare.iter().zip(&before).filter(|(a, b)| a != b).count(), 1, "only the diagnostic changed");
+        // Not an AARE, or truncated: untouched, no panic.
+        let mut other = vec![0xC4, 0x01, 0xA3, 0x05];
+        mark_authentication_required(&mut other);
+        assert_eq!(other, vec![0xC4, 0x01, 0xA3, 0x05]);
+        let mut short = vec![0x61, 0x81];
+        mark_authentication_required(&mut short);
     }
 }
