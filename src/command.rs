@@ -292,8 +292,9 @@ pub struct StoredCommand {
     pub attempts: u32,
     /// When it was to be looked at again.
     pub wake_ms: Option<i64>,
-    /// The last message published for it.
-    pub latest: ResultMessage,
+    /// The last message recorded for it; None when the daemon stopped between taking
+    /// the command and recording `accepted` (restore then publishes `accepted`).
+    pub latest: Option<ResultMessage>,
 }
 
 /// Everything the engine needs back after a restart.
@@ -402,4 +403,5 @@ pub struct Engine {
     cleared: HashMap<AccountId, i64>,
 }
 
+mod restore;
 mod run;

@@ -3,7 +3,7 @@
 use super::*;
 
 impl Live {
-    fn new(cmd: Command) -> Self {
+    pub(super) fn new(cmd: Command) -> Self {
         Self {
             cmd,
             status: Status::Accepted,
@@ -20,7 +20,7 @@ impl Live {
 
     /// In the middle of an attempt, or owing a relay read from before a restart: a newer
     /// intent must wait for it rather than replace it.
-    fn busy(&self) -> bool {
+    pub(super) fn busy(&self) -> bool {
         self.running.is_some() || self.needs_verify
     }
 }
@@ -39,64 +39,6 @@ impl Engine {
             timers: BTreeSet::new(),
             cleared: HashMap::new(),
         }
-    }
-
-    /// Rebuild from the journal after a restart. Every non-final command resumes; one
-    /// that was executing is first re-verified by reading the relay ([`Op::VerifyRelay`]).
-    pub fn restore(
-        cfg: CommandsConfig,
-        registry: Registry,
-        policy: PolicyConfig,
-        rec: Recovered,
-        now_ms: i64,
-    ) -> (Self, Vec<Output>) {
-        let mut e = Self::new(cfg, registry, policy);
-        let mut out = Vec::new();
-        e.policy.restore_quarantine(rec.quarantine);
-        e.cleared.extend(rec.cleared);
-        for m in rec.meters {
-            let slot = e.slots.entry(m.meter).or_default();
-            slot.relay = Some(m.relay);
-            slot.cut_reason = m.cut_reason;
-            slot.since_ms = m.since_ms;
-        }
-        let mut order = Vec::new();
-        for sc in rec.commands {
-            let id = sc.command.id().clone();
-            if e.live.contains_key(&id) || sc.status.is_final() {
-                continue;
-            }
-            let switches = sc.command.request.action.switches_relay();
-            let executing = sc.status == Status::Executing;
-            let mut live = Live::new(sc.command);
-            live.status = sc.status;
-            live.attempts = sc.attempts;
-            // A read cut short by the restart is simply run again: it changes nothing.
-            live.wake_ms = if executing { None } else { sc.wake_ms };
-            live.not_before_ms = if sc.status == Status::Deferred { sc.wake_ms } else { None };
-            live.needs_verify = executing && switches;
-            live.last_error = sc.latest.error.clone();
-            live.latest = Some(sc.latest);
-            e.timers.insert((live.cmd.expires_ms, id.clone()));
-            e.live.insert(id.clone(), live);
-            if switches {
-                e.restore_intent(&id, now_ms, &mut out);
-            }
-            order.push(id);
-        }
-        for id in order {
-            let Some(live) = e.live.get(&id) else { continue };
-            if !e.is_turn(&id) {
-                continue;
-            }
-            match live.wake_ms {
-                Some(w) if w > now_ms && !live.needs_verify => {
-                    e.timers.insert((w, id));
-                }
-                _ => e.dispatch(&id, now_ms, &mut out),
-            }
-        }
-        (e, out)
     }
 
     /// Feed one input that happened at `now_ms`; carry out the outputs in order, every
@@ -254,37 +196,19 @@ impl Engine {
         }
     }
 
-    /// Like [`Engine::enqueue`] at restart: supersede what must be, dispatch nothing.
-    fn restore_intent(&mut self, id: &CommandId, now: i64, out: &mut Vec<Output>) {
-        let Some(meter) = self.live.get(id).map(|l| l.cmd.meter.clone()) else { return };
-        let by = || Extra { by: Some(Supersessor::Command(id.clone())), ..Extra::default() };
-        match self.slot(&meter).current.clone() {
-            None => self.slot(&meter).current = Some(id.clone()),
-            Some(cur) if self.live.get(&cur).is_some_and(Live::busy) => {
-                if let Some(old) = self.slot(&meter).next.replace(id.clone()) {
-                    self.finish(&old, Status::Superseded, now, by(), out);
-                }
-            }
-            Some(cur) => {
-                self.slot(&meter).current = Some(id.clone());
-                self.finish(&cur, Status::Superseded, now, by(), out);
-            }
-        }
-    }
-
-    fn slot(&mut self, meter: &MeterId) -> &mut Slot {
+    pub(super) fn slot(&mut self, meter: &MeterId) -> &mut Slot {
         self.slots.entry(meter.clone()).or_default()
     }
 
     /// Reads run whenever due; a relay command only when it is its meter's current one.
-    fn is_turn(&self, id: &CommandId) -> bool {
+    pub(super) fn is_turn(&self, id: &CommandId) -> bool {
         let Some(l) = self.live.get(id) else { return false };
         !l.cmd.request.action.switches_relay()
             || self.slots.get(&l.cmd.meter).is_some_and(|s| s.current.as_ref() == Some(id))
     }
 
     /// Run the gates and, if they pass, start an attempt.
-    fn dispatch(&mut self, id: &CommandId, now: i64, out: &mut Vec<Output>) {
+    pub(super) fn dispatch(&mut self, id: &CommandId, now: i64, out: &mut Vec<Output>) {
         let Some(live) = self.live.get(id) else { return };
         if live.running.is_some() {
             return;
@@ -397,7 +321,6 @@ impl Engine {
             (Op::VerifyRelay, Outcome::Relay(state)) => {
                 l.needs_verify = false;
                 let action = l.cmd.request.action;
-                self.learn_relay(&meter, state, now, out);
                 match (action, state) {
                     (Action::Disconnect, RelayState::Disconnected) | (Action::Reconnect, RelayState::Connected) => {
                         self.complete_switch(id, SwitchOutcome::Done, now, out)
@@ -406,6 +329,7 @@ impl Engine {
                         self.complete_switch(id, SwitchOutcome::Armed, now, out)
                     }
                     _ => {
+                        self.learn_relay(&meter, state, now, out);
                         if !self.yield_to_next(id, now, out) {
                             self.dispatch(id, now, out);
                         }
@@ -612,7 +536,7 @@ impl Engine {
     }
 
     /// Record and publish a status change of a live command.
-    fn emit(&mut self, id: &CommandId, status: Status, now: i64, extra: Extra, out: &mut Vec<Output>) {
+    pub(super) fn emit(&mut self, id: &CommandId, status: Status, now: i64, extra: Extra, out: &mut Vec<Output>) {
         let Some(meter) = self.live.get(id).map(|l| l.cmd.meter.clone()) else { return };
         let offset = self.offset_of(&meter);
         let relay = self.slots.get(&meter).and_then(|s| s.relay);
@@ -643,7 +567,7 @@ impl Engine {
     }
 
     /// End a command; if it was its meter's current intent, the next one runs.
-    fn finish(&mut self, id: &CommandId, status: Status, now: i64, extra: Extra, out: &mut Vec<Output>) {
+    pub(super) fn finish(&mut self, id: &CommandId, status: Status, now: i64, extra: Extra, out: &mut Vec<Output>) {
         self.emit(id, status, now, extra, out);
         let Some(l) = self.live.remove(id) else { return };
         let Some(slot) = self.slots.get_mut(&l.cmd.meter) else { return };
