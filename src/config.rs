@@ -395,8 +395,15 @@ impl SiteConfig {
             std::fs::read_to_string(path).map_err(|source| ConfigError::Read { path: path.to_owned(), source })?;
         let mut cfg = Self::parse(&text).map_err(|message| ConfigError::Syntax { path: path.to_owned(), message })?;
         cfg.base_dir = path.parent().map(Path::to_path_buf).unwrap_or_default();
-        let problems = cfg.problems();
+        let mut problems = cfg.problems();
         if !problems.is_empty() {
+            // A generated file can be wrong 100,000 times over; the first few say what to fix.
+            const SHOWN: usize = 20;
+            if problems.len() > SHOWN {
+                let more = problems.len() - SHOWN;
+                problems.truncate(SHOWN);
+                problems.push(format!("... and {more} more"));
+            }
             return Err(ConfigError::Invalid { path: path.to_owned(), problem: problems.join("\n  ") });
         }
         Ok(cfg)
@@ -464,7 +471,8 @@ impl SiteConfig {
                         m.id
                     ));
                 }
-                if m.physical_address.is_some_and(|p| p > 0x3FFF) || m.logical_device > 0x3FFF {
+                let hdlc = link.protocol == LinkProtocol::DlmsHdlc;
+                if hdlc && (m.physical_address.is_some_and(|p| p > 0x3FFF) || m.logical_device > 0x3FFF) {
                     out.push(format!("meter {}: HDLC addresses are 14 bits (0..=16383)", m.id));
                 }
             } else {
