@@ -44,6 +44,10 @@ pub struct SiteConfig {
     /// Command life-cycle settings (expiry, retries).
     #[serde(default)]
     pub commands: CommandsConfig,
+    /// The MQTT broker and topic prefix. Without a `broker`, the daemon starts an embedded
+    /// broker on loopback.
+    #[serde(default)]
+    pub mqtt: MqttConfig,
     /// The directory of the file this was loaded from (for relative paths).
     #[serde(skip)]
     pub base_dir: PathBuf,
@@ -188,6 +192,54 @@ fn default_logical_device() -> u16 {
 }
 fn default_client_sap() -> u8 {
     16
+}
+
+/// How the daemon and the client verbs reach the broker.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct MqttConfig {
+    /// `mqtt://host:port` or `mqtts://host:port`; none: an embedded broker on loopback.
+    #[serde(default)]
+    pub broker: Option<String>,
+    /// Topic prefix `{p}` of the contract.
+    #[serde(default = "default_prefix")]
+    pub prefix: String,
+    /// MQTT client id; default `headend-{prefix}` with `/` replaced.
+    #[serde(default)]
+    pub client_id: Option<String>,
+    /// User name.
+    #[serde(default)]
+    pub username: Option<String>,
+    /// A file holding the password (never the password itself in this file).
+    #[serde(default)]
+    pub password_file: Option<PathBuf>,
+    /// CA certificate (PEM) for `mqtts://`; default: the system's roots.
+    #[serde(default)]
+    pub ca_file: Option<PathBuf>,
+    /// Port of the embedded broker when no `broker` is set (0: any free port).
+    #[serde(default = "default_embedded_port")]
+    pub embedded_port: u16,
+}
+
+impl Default for MqttConfig {
+    fn default() -> Self {
+        Self {
+            broker: None,
+            prefix: default_prefix(),
+            client_id: None,
+            username: None,
+            password_file: None,
+            ca_file: None,
+            embedded_port: default_embedded_port(),
+        }
+    }
+}
+
+fn default_prefix() -> String {
+    "ami".to_owned()
+}
+fn default_embedded_port() -> u16 {
+    1883
 }
 
 /// One billing account's flags.
@@ -527,6 +579,11 @@ impl SiteConfig {
     /// The state directory, resolved.
     pub fn state_dir(&self) -> PathBuf {
         self.resolve(self.state_dir.as_deref().unwrap_or(Path::new("state")))
+    }
+
+    /// The command journal (SQLite) under the state directory.
+    pub fn journal_path(&self) -> PathBuf {
+        self.state_dir().join("journal.sqlite3")
     }
 
     /// A meter by id.
