@@ -174,6 +174,13 @@ impl Driver {
             { let _ = (d, p, obis, from, to); Err(MeterError::Unsupported("Modbus meters keep no load profile".into())) })
     }
 
+    /// Forget protocol state after the link was lost (it is reopened before the next use).
+    pub fn reset(&mut self) {
+        if let Driver::Dlms(d) = self {
+            d.reset();
+        }
+    }
+
     /// Release the association / close the link politely.
     pub async fn close(&mut self, link: &mut Link) {
         if let (Driver::Dlms(d), Link::Dlms(p)) = (self, link) {

@@ -5,9 +5,11 @@
 //! drivers), [`driver`] (one protocol-neutral face), [`config`] and [`secrets`] (the
 //! site), [`meter`] (the types every layer shares).
 
+pub mod channel;
 pub mod command;
 pub mod config;
 pub mod contract;
+pub mod daemon;
 pub mod dlms;
 pub mod driver;
 pub mod inbound;
@@ -15,6 +17,7 @@ pub mod journal;
 pub mod link;
 pub mod meter;
 pub mod modbus;
+pub mod mqtt;
 pub mod policy;
 pub mod secrets;
 pub mod time;

@@ -21,6 +21,8 @@ enum Command {
     Demo(cli::demo::DemoArgs),
     /// Talk to one meter directly, without the daemon or a broker (commissioning).
     Meter(cli::meter::MeterArgs),
+    /// Run the daemon: execute commands from MQTT, reconnect on payment.
+    Run(cli::run::RunArgs),
     /// Check a configuration file and report every problem.
     CheckConfig {
         /// The site configuration (TOML).
@@ -48,6 +50,7 @@ fn main() -> ExitCode {
         match cli.command {
             Command::Demo(args) => cli::demo::run(args).await,
             Command::Meter(args) => cli::meter::run(args).await,
+            Command::Run(args) => cli::run::run(args).await,
             Command::CheckConfig { config } => cli::check_config(&config),
         }
     });

@@ -2,6 +2,7 @@
 
 pub mod demo;
 pub mod meter;
+pub mod run;
 
 use std::path::Path;
 use std::process::ExitCode;

@@ -1,0 +1,530 @@
+//! The daemon: the MQTT bridge, the command engine, the journal and the channel actors,
+//! wired together.
+//!
+//! One task owns the engine. For every input (a command or payment from the broker, an
+//! answer from a channel, a timer) it runs the engine, commits everything the engine
+//! wants recorded to the journal in one transaction, and only then publishes and
+//! executes. An inbound MQTT message is acknowledged to the broker only after it is in
+//! the journal, and the session is persistent, so a crash at any point loses nothing:
+//! either the broker redelivers it, or the journal has it.
+
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::time::Duration;
+
+use rumqttc::{AsyncClient, Event, Packet, Publish, QoS};
+use serde::Serialize;
+use tokio::sync::mpsc;
+use tokio_util::sync::CancellationToken;
+
+use crate::channel::{self, ChannelHandle, ChannelMeter, LinkHealth};
+use crate::command::{answer_repeat, Command, Engine, Input, Outcome, Output, Record};
+use crate::config::SiteConfig;
+use crate::contract::{
+    format_at, CommandRequest, ErrorBody, ErrorCode, Inbound, Payment, PaymentId, Rejection, ResultMessage,
+    StateMessage, StatusMessage, Topics, MAX_PAYLOAD,
+};
+use crate::dlms::counter::CounterStore;
+use crate::driver::Driver;
+use crate::journal::{Accepted, Journal, PaymentAccepted};
+use crate::meter::MeterId;
+use crate::mqtt::{self, BrokerUrl};
+use crate::policy::Registry;
+use crate::time::Clock;
+
+/// Why the daemon stopped or could not start.
+#[derive(Debug, thiserror::Error)]
+pub enum DaemonError {
+    /// Configuration or broker setup.
+    #[error("{0}")]
+    Setup(String),
+    /// The journal failed: the daemon stops rather than act on what it cannot record.
+    #[error("journal: {0}")]
+    Journal(String),
+}
+
+/// How to run.
+#[derive(Clone)]
+pub struct DaemonOptions {
+    /// Overrides the configured broker (`headend run --broker URL`).
+    pub broker: Option<String>,
+    /// Where "now" comes from.
+    pub clock: Arc<dyn Clock>,
+}
+
+/// The extension topic `{p}/payment/{id}`: what became of a payment (the contract has no
+/// per-payment topic; the daemon may add topics).
+#[derive(Debug, Clone, PartialEq, Serialize, serde::Deserialize)]
+pub struct PaymentOutcome {
+    /// The payment id (as given, when it could be read).
+    pub id: Option<String>,
+    /// Its account.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub account: Option<String>,
+    /// Whether it cleared the account.
+    #[serde(default)]
+    pub cleared: bool,
+    /// Seen before with the same content.
+    #[serde(default)]
+    pub duplicate: bool,
+    /// The reconnects it caused.
+    #[serde(default)]
+    pub reconnects: Vec<PaymentReconnect>,
+    /// Why it was refused.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub error: Option<ErrorBody>,
+}
+
+/// One reconnect caused by a payment.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, serde::Deserialize)]
+pub struct PaymentReconnect {
+    /// The derived command id.
+    pub id: String,
+    /// The meter.
+    pub meter: String,
+}
+
+enum FromBroker {
+    Connected,
+    Publish(Publish),
+}
+
+struct Daemon {
+    site: SiteConfig,
+    topics: Topics,
+    clock: Arc<dyn Clock>,
+    journal: Journal,
+    engine: Engine,
+    client: AsyncClient,
+    channels: HashMap<String, ChannelHandle>,
+    meter_link: HashMap<MeterId, String>,
+    answers: mpsc::UnboundedSender<Input>,
+    last_seen: HashMap<MeterId, i64>,
+    /// Which meter each execution in flight is for (answers carry only the command).
+    in_flight: HashMap<(crate::contract::CommandId, u32), MeterId>,
+    published_status: Option<StatusMessage>,
+}
+
+/// Run until `shutdown` is cancelled.
+pub async fn run(site: SiteConfig, opts: DaemonOptions, shutdown: CancellationToken) -> Result<(), DaemonError> {
+    let setup = |e: String| DaemonError::Setup(e);
+    let topics = Topics::new(&site.mqtt.prefix).map_err(|e| setup(format!("[mqtt] prefix: {e:?}")))?;
+    std::fs::create_dir_all(site.state_dir()).map_err(|e| setup(format!("{}: {e}", site.state_dir().display())))?;
+    let journal = Journal::open(&site.journal_path()).map_err(|e| DaemonError::Journal(e.to_string()))?;
+    let recovered = journal.recover().await.map_err(|e| DaemonError::Journal(e.to_string()))?;
+    let now = opts.clock.now_ms();
+    let (engine, restored) =
+        Engine::restore(site.commands.clone(), Registry::from_config(&site), site.policy.clone(), recovered, now);
+
+    // Channels: one per link, with the drivers of its meters.
+    let (answers, mut answers_rx) = mpsc::unbounded_channel();
+    let counters = CounterStore::new(site.state_dir().join("invocation-counters"));
+    let mut by_link: HashMap<String, Vec<ChannelMeter>> = HashMap::new();
+    let mut meter_link = HashMap::new();
+    for m in &site.meters {
+        let driver = Driver::from_config(&site, m, counters.clone()).map_err(|e| setup(e.to_string()))?;
+        meter_link.insert(m.id.clone(), m.link.clone());
+        by_link.entry(m.link.clone()).or_default().push(ChannelMeter {
+            id: m.id.clone(),
+            identity: m.identity.clone(),
+            driver,
+        });
+    }
+    let channel_stop = CancellationToken::new();
+    let mut channels = HashMap::new();
+    let mut channel_tasks = Vec::new();
+    for link in &site.links {
+        let meters = by_link.remove(&link.name).unwrap_or_default();
+        let (handle, task) = channel::spawn(link.clone(), meters, answers.clone(), channel_stop.clone());
+        channels.insert(link.name.clone(), handle);
+        channel_tasks.push(task);
+    }
+
+    // The broker.
+    let url = match opts.broker.clone().or_else(|| site.mqtt.broker.clone()) {
+        Some(u) => BrokerUrl::parse(&u).map_err(|e| setup(e.to_string()))?,
+        None => {
+            let port = mqtt::start_embedded(site.mqtt.embedded_port).map_err(|e| setup(e.to_string()))?;
+            tracing::info!(port, "no broker configured: embedded broker on 127.0.0.1");
+            BrokerUrl { host: "127.0.0.1".into(), port, tls: false }
+        }
+    };
+    let client_id =
+        site.mqtt.client_id.clone().unwrap_or_else(|| format!("headend-{}", site.mqtt.prefix.replace('/', "-")));
+    let will = (topics.status(), json(&StatusMessage::last_will()));
+    let mut mqtt_opts =
+        mqtt::options(&site.mqtt, &url, &client_id, Some(will), &site.base_dir).map_err(|e| setup(e.to_string()))?;
+    // A persistent session: commands published while the daemon is down wait at the broker.
+    mqtt_opts.set_clean_session(false);
+    mqtt_opts.set_manual_acks(true);
+    mqtt_opts.set_inflight(100);
+    let (client, mut eventloop) = AsyncClient::new(mqtt_opts, 1024);
+    let (from_broker_tx, mut from_broker) = mpsc::unbounded_channel();
+    let poll_stop = shutdown.clone();
+    let poller = tokio::spawn(async move {
+        let mut backoff = Duration::from_millis(100);
+        loop {
+            let event = tokio::select! {
+                _ = poll_stop.cancelled() => break,
+                e = eventloop.poll() => e,
+            };
+            match event {
+                Ok(Event::Incoming(Packet::ConnAck(_))) => {
+                    backoff = Duration::from_millis(100);
+                    let _ = from_broker_tx.send(FromBroker::Connected);
+                }
+                Ok(Event::Incoming(Packet::Publish(p))) => {
+                    let _ = from_broker_tx.send(FromBroker::Publish(p));
+                }
+                Ok(_) => {}
+                Err(e) => {
+                    tracing::warn!(error = %e, "broker connection lost; reconnecting");
+                    tokio::select! {
+                        _ = poll_stop.cancelled() => break,
+                        _ = tokio::time::sleep(backoff) => {}
+                    }
+                    backoff = (backoff * 2).min(Duration::from_secs(5));
+                }
+            }
+        }
+    });
+
+    let mut d = Daemon {
+        site,
+        topics,
+        clock: opts.clock,
+        journal,
+        engine,
+        client,
+        channels,
+        meter_link,
+        answers,
+        last_seen: HashMap::new(),
+        in_flight: HashMap::new(),
+        published_status: None,
+    };
+    let result = async {
+        d.apply(restored).await?;
+        loop {
+            let wake = d.engine.next_wakeup().map(|at| (at - d.clock.now_ms()).max(0) as u64);
+            let timer = async {
+                match wake {
+                    Some(ms) => tokio::time::sleep(Duration::from_millis(ms)).await,
+                    None => std::future::pending().await,
+                }
+            };
+            tokio::select! {
+                _ = shutdown.cancelled() => break,
+                Some(msg) = from_broker.recv() => match msg {
+                    FromBroker::Connected => d.on_connected().await,
+                    FromBroker::Publish(p) => d.on_publish(p).await?,
+                },
+                Some(input) = answers_rx.recv() => {
+                    let contact = match &input {
+                        Input::Executed { command, attempt, outcome } => d.note_contact(command, *attempt, outcome),
+                        _ => None,
+                    };
+                    let out = d.engine.handle(input, d.clock.now_ms());
+                    d.apply(out).await?;
+                    if let Some(meter) = contact {
+                        d.publish_state(&meter).await;
+                    }
+                    d.publish_status().await;
+                }
+                _ = timer => {
+                    let out = d.engine.handle(Input::Tick, d.clock.now_ms());
+                    d.apply(out).await?;
+                }
+            }
+        }
+        Ok::<(), DaemonError>(())
+    }
+    .await;
+
+    // Drain: no new work; exchanges in progress finish within their timeouts and their
+    // commands stay resumable in the journal.
+    channel_stop.cancel();
+    for t in channel_tasks {
+        let _ = tokio::time::timeout(Duration::from_secs(10), t).await;
+    }
+    let _ = d.client.publish(d.topics.status(), QoS::AtLeastOnce, true, json(&StatusMessage::last_will())).await;
+    let _ = d.client.disconnect().await;
+    let _ = tokio::time::timeout(Duration::from_secs(2), poller).await;
+    result
+}
+
+fn json<T: Serialize>(v: &T) -> String {
+    serde_json::to_string(v).unwrap_or_default()
+}
+
+impl Daemon {
+    async fn on_connected(&mut self) {
+        for (topic, qos) in [(self.topics.cmd_filter(), QoS::AtLeastOnce), (self.topics.payments(), QoS::AtLeastOnce)] {
+            if let Err(e) = self.client.subscribe(topic, qos).await {
+                tracing::error!(error = %e, "subscribe");
+            }
+        }
+        self.published_status = None;
+        self.publish_status().await;
+    }
+
+    /// The daemon's retained status, republished when it changes.
+    async fn publish_status(&mut self) {
+        let up = self.channels.values().filter(|c| c.health() == LinkHealth::Up).count() as u64;
+        let down = self.channels.values().filter(|c| c.health() == LinkHealth::Down).count() as u64;
+        let status = StatusMessage {
+            online: true,
+            version: Some(env!("CARGO_PKG_VERSION").to_owned()),
+            meters: Some(self.site.meters.len() as u64),
+            channels_up: Some(up),
+            channels_down: Some(down),
+        };
+        if self.published_status.as_ref() == Some(&status) {
+            return;
+        }
+        if self.client.publish(self.topics.status(), QoS::AtLeastOnce, true, json(&status)).await.is_ok() {
+            self.published_status = Some(status);
+        }
+    }
+
+    fn now(&self) -> i64 {
+        self.clock.now_ms()
+    }
+
+    async fn ack(&self, p: &Publish) {
+        if let Err(e) = self.client.ack(p).await {
+            tracing::warn!(error = %e, "ack");
+        }
+    }
+
+    async fn on_publish(&mut self, p: Publish) -> Result<(), DaemonError> {
+        let topic = p.topic.clone();
+        match self.topics.parse_inbound(&topic) {
+            Some(Inbound::Command(meter)) => self.on_command(Some(meter), &topic, &p).await?,
+            Some(Inbound::CommandBadMeter(_)) => self.on_command(None, &topic, &p).await?,
+            Some(Inbound::Payments) => self.on_payment(&p).await?,
+            None => tracing::debug!(%topic, "ignored"),
+        }
+        // Acked only now: everything above that had to be durable is in the journal.
+        self.ack(&p).await;
+        Ok(())
+    }
+
+    async fn on_command(&mut self, meter: Option<MeterId>, topic: &str, p: &Publish) -> Result<(), DaemonError> {
+        let now = self.now();
+        let raw_meter = topic.rsplit('/').next().unwrap_or_default().to_owned();
+        let parsed = CommandRequest::parse(&p.payload);
+        let (meter, request) = match (meter, parsed) {
+            (Some(m), Ok(r)) if self.engine.registry().meter(&m).is_some() => (m, r),
+            (meter, parsed) => {
+                let rejection = match (&meter, parsed) {
+                    (_, Err(r)) => r,
+                    (None, Ok(r)) => Rejection {
+                        id: Some(r.id.to_string()),
+                        code: ErrorCode::InvalidPayload,
+                        message: format!("{raw_meter:?} is not a valid meter id"),
+                    },
+                    (Some(m), Ok(r)) => Rejection {
+                        id: Some(r.id.to_string()),
+                        code: ErrorCode::UnknownMeter,
+                        message: format!("meter {m} is not in the registry"),
+                    },
+                };
+                let offset = self.site.policy.utc_offset_minutes;
+                let msg = ResultMessage::for_rejection(&raw_meter, &rejection, format_at(now, offset));
+                self.record(vec![Record::Note { meter: raw_meter.clone(), message: msg.clone() }]).await?;
+                let topic = match &meter {
+                    Some(m) => Some(self.topics.result(m)),
+                    None => self.topics.result_raw(&raw_meter),
+                };
+                if let Some(t) = topic {
+                    self.publish(t, &msg).await;
+                }
+                return Ok(());
+            }
+        };
+        let cmd = Command::new(meter.clone(), request.clone(), now, self.engine.config());
+        match self.journal.accept_command(&cmd).await.map_err(|e| DaemonError::Journal(e.to_string()))? {
+            Accepted::New => {
+                let out = self.engine.handle(Input::Command(cmd), now);
+                self.apply(out).await?;
+            }
+            Accepted::Seen { same_content, latest } => {
+                let offset = self.engine.offset_of(&meter);
+                let msg = answer_repeat(&meter, &request, same_content, latest.as_deref(), now, offset);
+                self.record(vec![Record::Note { meter: meter.to_string(), message: msg.clone() }]).await?;
+                self.publish(self.topics.result(&meter), &msg).await;
+            }
+        }
+        Ok(())
+    }
+
+    async fn on_payment(&mut self, p: &Publish) -> Result<(), DaemonError> {
+        let now = self.now();
+        let mut outcome = PaymentOutcome {
+            id: None,
+            account: None,
+            cleared: false,
+            duplicate: false,
+            reconnects: Vec::new(),
+            error: None,
+        };
+        match Payment::parse(&p.payload) {
+            Err(r) => {
+                tracing::warn!(code = ?r.code, message = %r.message, "payment refused");
+                outcome.id = r.id.clone();
+                outcome.error = Some(ErrorBody::new(r.code, r.message));
+            }
+            Ok(payment) => {
+                outcome.id = Some(payment.id.to_string());
+                outcome.account = Some(payment.account.to_string());
+                outcome.cleared = payment.cleared;
+                let accepted = self
+                    .journal
+                    .accept_payment(&payment, now)
+                    .await
+                    .map_err(|e| DaemonError::Journal(e.to_string()))?;
+                match accepted {
+                    PaymentAccepted::New | PaymentAccepted::NowCleared => {
+                        let out =
+                            self.engine.handle(Input::Payment { payment: payment.clone(), received_ms: now }, now);
+                        outcome.reconnects = out
+                            .iter()
+                            .filter_map(|o| match o {
+                                Output::Persist(Record::Command(c)) => {
+                                    Some(PaymentReconnect { id: c.id().to_string(), meter: c.meter.to_string() })
+                                }
+                                _ => None,
+                            })
+                            .collect();
+                        self.apply(out).await?;
+                    }
+                    PaymentAccepted::Duplicate => outcome.duplicate = true,
+                    PaymentAccepted::Conflict => {
+                        outcome.duplicate = true;
+                        outcome.error = Some(ErrorBody::new(
+                            ErrorCode::DuplicateId,
+                            "this payment id was used before with different content",
+                        ));
+                    }
+                }
+            }
+        }
+        if let Some(id) = outcome.id.as_deref().and_then(|i| PaymentId::new(i).ok()) {
+            let topic = format!("{}/payment/{}", self.topics.prefix(), id.as_str());
+            let _ = self.client.publish(topic, QoS::AtLeastOnce, false, json(&outcome)).await;
+        }
+        Ok(())
+    }
+
+    async fn record(&self, records: Vec<Record>) -> Result<(), DaemonError> {
+        if records.is_empty() {
+            return Ok(());
+        }
+        self.journal.record(records).await.map_err(|e| DaemonError::Journal(e.to_string()))
+    }
+
+    async fn publish<T: Serialize>(&self, topic: String, msg: &T) {
+        let body = json(msg);
+        if body.len() > MAX_PAYLOAD {
+            tracing::error!(%topic, "message larger than the contract allows; not published");
+            return;
+        }
+        if let Err(e) = self.client.publish(topic, QoS::AtLeastOnce, false, body).await {
+            tracing::error!(error = %e, "publish");
+        }
+    }
+
+    /// Commit what the engine wants recorded, then publish and execute.
+    async fn apply(&mut self, outputs: Vec<Output>) -> Result<(), DaemonError> {
+        let mut records = Vec::new();
+        let mut rest = Vec::new();
+        for o in outputs {
+            match o {
+                Output::Persist(r) => records.push(r),
+                other => rest.push(other),
+            }
+        }
+        let meters_changed: Vec<MeterId> = records
+            .iter()
+            .filter_map(|r| match r {
+                Record::Meter(m) => Some(m.meter.clone()),
+                _ => None,
+            })
+            .collect();
+        self.record(records).await?;
+        for o in rest {
+            match o {
+                Output::Publish { meter, message } => self.publish(self.topics.result(&meter), &message).await,
+                Output::Execute(work) => {
+                    self.in_flight.insert((work.command.clone(), work.attempt), work.meter.clone());
+                    let channel = self.meter_link.get(&work.meter).and_then(|l| self.channels.get(l));
+                    let refused = match channel {
+                        Some(c) => c.execute(work).err(),
+                        None => Some(work),
+                    };
+                    if let Some(work) = refused {
+                        let outcome = Outcome::Error(crate::meter::MeterError::Unreachable(format!(
+                            "no running channel for meter {}",
+                            work.meter
+                        )));
+                        let _ = self.answers.send(Input::Executed {
+                            command: work.command,
+                            attempt: work.attempt,
+                            outcome,
+                        });
+                    }
+                }
+                Output::Persist(_) => {}
+            }
+        }
+        for m in meters_changed {
+            self.publish_state(&m).await;
+        }
+        Ok(())
+    }
+
+    /// Remember when a meter last answered; returns the meter when its online state
+    /// (as `state/{meter}` shows it) may have changed.
+    fn note_contact(
+        &mut self,
+        command: &crate::contract::CommandId,
+        attempt: u32,
+        outcome: &Outcome,
+    ) -> Option<MeterId> {
+        let meter = self.in_flight.remove(&(command.clone(), attempt))?;
+        let answered = match outcome {
+            Outcome::Error(e) => !e.is_link_failure(),
+            _ => true,
+        };
+        if answered {
+            self.last_seen.insert(meter.clone(), self.now());
+        }
+        Some(meter)
+    }
+
+    async fn publish_state(&self, meter: &MeterId) {
+        let Some(view) = self.engine.meter(meter) else { return };
+        let offset = self.engine.offset_of(meter);
+        let entry = self.engine.registry().meter(meter);
+        let online = self
+            .meter_link
+            .get(meter)
+            .and_then(|l| self.channels.get(l))
+            .is_some_and(|c| c.health() != LinkHealth::Down);
+        let state = StateMessage {
+            meter: meter.clone(),
+            account: entry.and_then(|e| e.account.clone()),
+            relay: view.relay,
+            reason: view.cut_reason,
+            since: view.since_ms.map(|ms| format_at(ms, offset)),
+            online,
+            last_seen: self.last_seen.get(meter).map(|ms| format_at(*ms, offset)),
+            last_reading: None,
+        };
+        let body = json(&state);
+        if let Err(e) = self.client.publish(self.topics.state(meter), QoS::AtLeastOnce, true, body).await {
+            tracing::error!(error = %e, "publish state");
+        }
+    }
+}
