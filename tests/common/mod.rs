@@ -1,6 +1,8 @@
 //! Shared test fixtures: temporary directories, pty pairs from socat, site configs.
 #![allow(dead_code)]
 
+pub mod daemon;
+pub mod mosquitto;
 pub mod proxy;
 pub mod site;
 
