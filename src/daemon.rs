@@ -44,12 +44,14 @@ pub enum DaemonError {
 }
 
 /// How to run.
-#[derive(Clone)]
 pub struct DaemonOptions {
     /// Overrides the configured broker (`headend run --broker URL`).
     pub broker: Option<String>,
     /// Where "now" comes from.
     pub clock: Arc<dyn Clock>,
+    /// New configurations to apply (SIGHUP): the account registry, protection flags,
+    /// policy and command settings change without dropping work in progress.
+    pub reload: Option<mpsc::UnboundedReceiver<SiteConfig>>,
 }
 
 /// The extension topic `{p}/payment/{id}`: what became of a payment (the contract has no
@@ -103,6 +105,7 @@ struct Daemon {
     /// Which meter each execution in flight is for (answers carry only the command).
     in_flight: HashMap<(crate::contract::CommandId, u32), MeterId>,
     published_status: Option<StatusMessage>,
+    config_generation: u64,
 }
 
 /// Run until `shutdown` is cancelled.
@@ -202,10 +205,18 @@ pub async fn run(site: SiteConfig, opts: DaemonOptions, shutdown: CancellationTo
         last_seen: HashMap::new(),
         in_flight: HashMap::new(),
         published_status: None,
+        config_generation: 0,
     };
+    let mut reload = opts.reload;
     let result = async {
         d.apply(restored).await?;
         loop {
+            let next_config = async {
+                match reload.as_mut() {
+                    Some(r) => r.recv().await,
+                    None => std::future::pending().await,
+                }
+            };
             let wake = d.engine.next_wakeup().map(|at| (at - d.clock.now_ms()).max(0) as u64);
             let timer = async {
                 match wake {
@@ -234,6 +245,10 @@ pub async fn run(site: SiteConfig, opts: DaemonOptions, shutdown: CancellationTo
                 _ = timer => {
                     let out = d.engine.handle(Input::Tick, d.clock.now_ms());
                     d.apply(out).await?;
+                }
+                Some(new) = next_config => {
+                    d.reload(new);
+                    d.publish_status().await;
                 }
             }
         }
@@ -278,6 +293,7 @@ impl Daemon {
             meters: Some(self.site.meters.len() as u64),
             channels_up: Some(up),
             channels_down: Some(down),
+            config_generation: Some(self.config_generation),
         };
         if self.published_status.as_ref() == Some(&status) {
             return;
@@ -285,6 +301,33 @@ impl Daemon {
         if self.client.publish(self.topics.status(), QoS::AtLeastOnce, true, json(&status)).await.is_ok() {
             self.published_status = Some(status);
         }
+    }
+
+    /// Apply a reloaded configuration. Links and drivers stay as they are (a changed
+    /// link or a new meter needs a restart, which is said in the log); the registry,
+    /// protection flags, policy and command settings take effect at once.
+    fn reload(&mut self, new: SiteConfig) {
+        let same_meters = new.meters.len() == self.site.meters.len()
+            && new.meters.iter().zip(&self.site.meters).all(|(a, b)| a.id == b.id && a.link == b.link);
+        let same_links = new.links.len() == self.site.links.len()
+            && new
+                .links
+                .iter()
+                .zip(&self.site.links)
+                .all(|(a, b)| a.name == b.name && a.address == b.address && a.serial == b.serial);
+        if !same_meters || !same_links {
+            tracing::warn!(
+                "links or meters changed: restart the daemon to apply them; applying the registry and policy now"
+            );
+        }
+        self.engine.set_registry(Registry::from_config(&new));
+        self.engine.set_policy_config(new.policy.clone());
+        self.engine.set_config(new.commands.clone());
+        self.site.accounts = new.accounts;
+        self.site.policy = new.policy;
+        self.site.commands = new.commands;
+        self.config_generation += 1;
+        tracing::info!(generation = self.config_generation, "configuration reloaded");
     }
 
     fn now(&self) -> i64 {

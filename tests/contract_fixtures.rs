@@ -288,6 +288,7 @@ fn the_spec_state_readings_and_status_round_trip() {
         meters: Some(12000),
         channels_up: Some(310),
         channels_down: Some(2),
+        config_generation: None,
     };
     assert_eq!(
         serde_json::to_value(&status).ok(),

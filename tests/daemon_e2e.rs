@@ -373,3 +373,29 @@ async fn nothing_is_lost_across_broker_and_daemon_restarts() {
     assert!(!rig.relay_closed("SIM0000000001"));
     let _ = &mut rig;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sighup_reloads_protection_flags_without_dropping_work() {
+    let rig = Rig::start("hup", ALWAYS_OPEN).await;
+    let obs = rig.observer("obs-hup").await;
+    let daemon = rig.daemon();
+    online(&obs).await;
+    // Work in progress on the slow meter while the configuration changes.
+    obs.publish(&rig.cmd("M-SLOW"), r#"{"id":"h0","action":"read"}"#).await;
+    obs.wait_for(10, "h0 executing", |m| m.json["id"] == "h0" && m.json["status"] == "executing").await;
+    let text = std::fs::read_to_string(&rig.config).expect("config");
+    std::fs::write(&rig.config, format!("{text}\n[[account]]\nid = \"ACC-1\"\nprotection = \"life_support\"\n"))
+        .expect("rewrite");
+    daemon.hup();
+    obs.wait_for(10, "reloaded", |m| m.topic.ends_with("/status") && m.json["config_generation"] == 1).await;
+    let arrears = format!(r#"{{"id":"h1","action":"disconnect","reason":"arrears","notice_sent_at":"{NOTICE}"}}"#);
+    obs.publish(&rig.cmd("M-A"), &arrears).await;
+    assert_eq!(code(&obs.final_status("h1", 10).await), "policy_protected");
+    assert_eq!(obs.final_status("h0", 20).await["status"], "succeeded", "the read in progress went on");
+    assert!(rig.relay_closed("SIM0000000001"));
+    // A broken file is refused and the running configuration stays.
+    std::fs::write(&rig.config, "this is not toml [").expect("break");
+    daemon.hup();
+    obs.publish(&rig.cmd("M-C"), r#"{"id":"h2","action":"read"}"#).await;
+    assert_eq!(obs.final_status("h2", 10).await["status"], "succeeded");
+}

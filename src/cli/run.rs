@@ -38,13 +38,39 @@ pub async fn run(args: RunArgs) -> anyhow::Result<ExitCode> {
         tracing::info!("stopping: draining work in progress");
         stop.cancel();
     });
-    let opts = DaemonOptions { broker: args.broker, clock: Arc::new(SystemClock) };
+    let (reload_tx, reload) = tokio::sync::mpsc::unbounded_channel();
+    tokio::spawn(reload_on_sighup(args.config.clone(), reload_tx));
+    let opts = DaemonOptions { broker: args.broker, clock: Arc::new(SystemClock), reload: Some(reload) };
     match daemon::run(site, opts, shutdown).await {
         Ok(()) => Ok(ExitCode::SUCCESS),
         Err(e) => {
             eprintln!("error: {e}");
             Ok(ExitCode::from(1))
         }
+    }
+}
+
+/// SIGHUP: read the configuration again; a file that does not check is refused, and
+/// the running configuration stays.
+async fn reload_on_sighup(path: PathBuf, tx: tokio::sync::mpsc::UnboundedSender<SiteConfig>) {
+    #[cfg(unix)]
+    {
+        use tokio::signal::unix::{signal, SignalKind};
+        let Ok(mut hup) = signal(SignalKind::hangup()) else { return };
+        while hup.recv().await.is_some() {
+            match SiteConfig::load(&path) {
+                Ok(site) => {
+                    if tx.send(site).is_err() {
+                        return;
+                    }
+                }
+                Err(e) => tracing::error!(error = %e, "SIGHUP: configuration refused; keeping the running one"),
+            }
+        }
+    }
+    #[cfg(not(unix))]
+    {
+        let _ = (path, tx);
     }
 }
 

@@ -327,6 +327,9 @@ pub struct StatusMessage {
     /// Links down.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub channels_down: Option<u64>,
+    /// How many times the configuration was reloaded (SIGHUP) since start (an extension).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub config_generation: Option<u64>,
 }
 
 impl StatusMessage {

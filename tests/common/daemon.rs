@@ -49,6 +49,11 @@ impl DaemonProcess {
         let _ = self.child.wait();
     }
 
+    /// SIGHUP: reload the configuration.
+    pub fn hup(&self) {
+        let _ = Command::new("kill").args(["-HUP", &self.child.id().to_string()]).status();
+    }
+
     /// SIGTERM, and wait for the exit status.
     pub fn terminate(&mut self) -> Option<i32> {
         let pid = self.child.id().to_string();
