@@ -274,7 +274,12 @@ fn json<T: Serialize>(v: &T) -> String {
 
 impl Daemon {
     async fn on_connected(&mut self) {
-        for (topic, qos) in [(self.topics.cmd_filter(), QoS::AtLeastOnce), (self.topics.payments(), QoS::AtLeastOnce)] {
+        let admin = self.admin_topic();
+        for (topic, qos) in [
+            (self.topics.cmd_filter(), QoS::AtLeastOnce),
+            (self.topics.payments(), QoS::AtLeastOnce),
+            (admin, QoS::AtLeastOnce),
+        ] {
             if let Err(e) = self.client.subscribe(topic, qos).await {
                 tracing::error!(error = %e, "subscribe");
             }
@@ -346,6 +351,7 @@ impl Daemon {
             Some(Inbound::Command(meter)) => self.on_command(Some(meter), &topic, &p).await?,
             Some(Inbound::CommandBadMeter(_)) => self.on_command(None, &topic, &p).await?,
             Some(Inbound::Payments) => self.on_payment(&p).await?,
+            None if topic == self.admin_topic() => self.on_lift_quarantine(&p).await?,
             None => tracing::debug!(%topic, "ignored"),
         }
         // Acked only now: everything above that had to be durable is in the journal.
@@ -458,6 +464,32 @@ impl Daemon {
             let _ = self.client.publish(topic, QoS::AtLeastOnce, false, json(&outcome)).await;
         }
         Ok(())
+    }
+
+    /// `{p}/admin/lift-quarantine` (an extension; the broker's ACL lets only operators
+    /// publish there): `{"by": "...", "why": "..."}` lifts the disconnect quarantine. The
+    /// engine records who and why in the journal.
+    fn admin_topic(&self) -> String {
+        format!("{}/admin/lift-quarantine", self.topics.prefix())
+    }
+
+    async fn on_lift_quarantine(&mut self, p: &Publish) -> Result<(), DaemonError> {
+        #[derive(serde::Deserialize)]
+        struct Lift {
+            by: String,
+            why: String,
+        }
+        let lift = serde_json::from_slice::<Lift>(&p.payload).ok().filter(|l| {
+            let by = l.by.trim();
+            !by.is_empty() && by.chars().count() <= 256 && !l.why.trim().is_empty() && l.why.chars().count() <= 1024
+        });
+        let Some(lift) = lift else {
+            tracing::warn!("lift-quarantine refused: expected {{\"by\": name, \"why\": reason}}");
+            return Ok(());
+        };
+        tracing::warn!(by = %lift.by, why = %lift.why, "quarantine lifted by an operator");
+        let out = self.engine.handle(Input::LiftQuarantine { by: lift.by, why: lift.why }, self.now());
+        self.apply(out).await
     }
 
     async fn record(&self, records: Vec<Record>) -> Result<(), DaemonError> {

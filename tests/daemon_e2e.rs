@@ -263,6 +263,17 @@ async fn deferred_superseded_expired_and_quarantine() {
     obs.publish(&rig.cmd("M-A"), r#"{"id":"q3","action":"reconnect"}"#).await;
     assert_eq!(obs.final_status("q3", 15).await["status"], "succeeded");
     assert!(rig.relay_closed("SIM0000000008") && rig.relay_closed("SIM0000000009"));
+    // An operator lifts the quarantine (audited); disconnects are possible again, within
+    // the rate limit (the channel's slot is still spent: deferred, not rejected).
+    obs.publish(&format!("{}/admin/lift-quarantine", rig.prefix), r#"{"by":"ops/zhang","why":"caller fixed"}"#).await;
+    obs.publish(&rig.cmd("M-C"), r#"{"id":"q4","action":"disconnect","reason":"safety"}"#).await;
+    let r = obs
+        .wait_for(10, "q4 after the lift", |m| {
+            m.topic.contains("/result/") && m.json["id"] == "q4" && m.json["status"] != "accepted"
+        })
+        .await
+        .json;
+    assert_eq!(r["status"], "deferred", "{r}");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
