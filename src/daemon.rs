@@ -21,8 +21,8 @@ use crate::channel::{self, ChannelHandle, ChannelMeter, LinkHealth};
 use crate::command::{answer_repeat, Command, Engine, Input, Outcome, Output, Record};
 use crate::config::SiteConfig;
 use crate::contract::{
-    format_at, CommandRequest, ErrorBody, ErrorCode, Inbound, Payment, PaymentId, Rejection, ResultMessage,
-    StateMessage, StatusMessage, Topics, MAX_PAYLOAD,
+    format_at, CommandRequest, ErrorBody, ErrorCode, Inbound, Payment, PaymentId, PaymentOutcome, PaymentReconnect,
+    Rejection, ResultMessage, StateMessage, StatusMessage, Topics, MAX_PAYLOAD,
 };
 use crate::dlms::counter::CounterStore;
 use crate::driver::Driver;
@@ -52,38 +52,6 @@ pub struct DaemonOptions {
     /// New configurations to apply (SIGHUP): the account registry, protection flags,
     /// policy and command settings change without dropping work in progress.
     pub reload: Option<mpsc::UnboundedReceiver<SiteConfig>>,
-}
-
-/// The extension topic `{p}/payment/{id}`: what became of a payment (the contract has no
-/// per-payment topic; the daemon may add topics).
-#[derive(Debug, Clone, PartialEq, Serialize, serde::Deserialize)]
-pub struct PaymentOutcome {
-    /// The payment id (as given, when it could be read).
-    pub id: Option<String>,
-    /// Its account.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub account: Option<String>,
-    /// Whether it cleared the account.
-    #[serde(default)]
-    pub cleared: bool,
-    /// Seen before with the same content.
-    #[serde(default)]
-    pub duplicate: bool,
-    /// The reconnects it caused.
-    #[serde(default)]
-    pub reconnects: Vec<PaymentReconnect>,
-    /// Why it was refused.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub error: Option<ErrorBody>,
-}
-
-/// One reconnect caused by a payment.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, serde::Deserialize)]
-pub struct PaymentReconnect {
-    /// The derived command id.
-    pub id: String,
-    /// The meter.
-    pub meter: String,
 }
 
 enum FromBroker {
@@ -236,8 +204,8 @@ pub async fn run(site: SiteConfig, opts: DaemonOptions, shutdown: CancellationTo
                         _ => None,
                     };
                     let out = d.engine.handle(input, d.clock.now_ms());
-                    d.apply(out).await?;
-                    if let Some(meter) = contact {
+                    let published = d.apply(out).await?;
+                    if let Some(meter) = contact.filter(|m| !published.contains(m)) {
                         d.publish_state(&meter).await;
                     }
                     d.publish_status().await;
@@ -489,7 +457,7 @@ impl Daemon {
         };
         tracing::warn!(by = %lift.by, why = %lift.why, "quarantine lifted by an operator");
         let out = self.engine.handle(Input::LiftQuarantine { by: lift.by, why: lift.why }, self.now());
-        self.apply(out).await
+        self.apply(out).await.map(|_| ())
     }
 
     async fn record(&self, records: Vec<Record>) -> Result<(), DaemonError> {
@@ -510,8 +478,9 @@ impl Daemon {
         }
     }
 
-    /// Commit what the engine wants recorded, then publish and execute.
-    async fn apply(&mut self, outputs: Vec<Output>) -> Result<(), DaemonError> {
+    /// Commit what the engine wants recorded, then publish and execute. Returns the
+    /// meters whose state was republished.
+    async fn apply(&mut self, outputs: Vec<Output>) -> Result<Vec<MeterId>, DaemonError> {
         let mut records = Vec::new();
         let mut rest = Vec::new();
         for o in outputs {
@@ -553,10 +522,12 @@ impl Daemon {
                 Output::Persist(_) => {}
             }
         }
-        for m in meters_changed {
-            self.publish_state(&m).await;
+        let mut meters_changed = meters_changed;
+        meters_changed.dedup();
+        for m in &meters_changed {
+            self.publish_state(m).await;
         }
-        Ok(())
+        Ok(meters_changed)
     }
 
     /// Remember when a meter last answered; returns the meter when its online state

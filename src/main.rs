@@ -23,6 +23,16 @@ enum Command {
     Meter(cli::meter::MeterArgs),
     /// Run the daemon: execute commands from MQTT, reconnect on payment.
     Run(cli::run::RunArgs),
+    /// Ask the daemon (over MQTT) to cut a meter, and wait for the outcome.
+    Cut(cli::client::CutArgs),
+    /// Ask the daemon to restore (reconnect) a meter, and wait for the outcome.
+    Restore(cli::client::RestoreArgs),
+    /// Ask the daemon to read a meter's relay and energy register now.
+    Read(cli::client::ReadArgs),
+    /// Send billing's payment confirmation, and follow the reconnects it causes.
+    Pay(cli::client::PayArgs),
+    /// Show a meter's history from the command journal (works while the daemon runs).
+    Audit(cli::audit::AuditArgs),
     /// Check a configuration file and report every problem.
     CheckConfig {
         /// The site configuration (TOML).
@@ -35,7 +45,7 @@ fn main() -> ExitCode {
     tracing_subscriber::fmt()
         .with_env_filter(
             tracing_subscriber::EnvFilter::try_from_default_env()
-                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn")),
+                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn,rumqttd=off")),
         )
         .with_writer(std::io::stderr)
         .init();
@@ -51,6 +61,11 @@ fn main() -> ExitCode {
             Command::Demo(args) => cli::demo::run(args).await,
             Command::Meter(args) => cli::meter::run(args).await,
             Command::Run(args) => cli::run::run(args).await,
+            Command::Cut(args) => Ok(cli::client::cut(args).await),
+            Command::Restore(args) => Ok(cli::client::restore(args).await),
+            Command::Read(args) => Ok(cli::client::read(args).await),
+            Command::Pay(args) => Ok(cli::client::pay(args).await),
+            Command::Audit(args) => Ok(cli::audit::run(args)),
             Command::CheckConfig { config } => cli::check_config(&config),
         }
     });

@@ -95,10 +95,11 @@ fn check_config_reports_problems_with_what_to_write() {
 }
 
 #[test]
-fn the_demo_runs_its_tour_and_exits() {
+fn the_demo_runs_its_tour_through_the_daemon_and_exits() {
     let dir = TempDir::new("demo");
     let out = headend(&["demo", "--once", "--meters", "5", "--dir", &dir.0.to_string_lossy()]);
     let text = String::from_utf8_lossy(&out.stdout);
     assert!(out.status.success(), "{text}\n{}", String::from_utf8_lossy(&out.stderr));
-    assert!(text.contains("disconnect: Done") && text.contains("Try from a second terminal"), "{text}");
+    assert!(text.contains("The tour is done"), "{text}");
+    assert!(text.contains("(payment demo-pay-1)") && text.contains("policy_protected"), "{text}");
 }

@@ -1,5 +1,7 @@
 //! Command-line verbs.
 
+pub mod audit;
+pub mod client;
 pub mod demo;
 pub mod meter;
 pub mod run;

@@ -395,3 +395,36 @@ pub struct ReadingsBatch {
     /// Rows in time order.
     pub rows: Vec<ReadingRow>,
 }
+
+/// `{p}/payment/{id}`: what became of one payment. An extension of the contract (which
+/// allows new topics and fields), published by the daemon with QoS 1, not retained.
+/// Text fields are raw so that a refusal can echo what it read.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct PaymentOutcome {
+    /// The payment's id, when it could be read.
+    pub id: Option<String>,
+    /// The account, when it could be read.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub account: Option<String>,
+    /// Whether the payment is cleared (only then are meters reconnected).
+    #[serde(default)]
+    pub cleared: bool,
+    /// True when this payment id was seen before (its reconnects were made then).
+    #[serde(default)]
+    pub duplicate: bool,
+    /// The reconnects the payment caused: the account's meters cut for arrears.
+    #[serde(default)]
+    pub reconnects: Vec<PaymentReconnect>,
+    /// Present when the payment was refused (`duplicate_id`, `invalid_payload`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub error: Option<ErrorBody>,
+}
+
+/// One reconnect a payment caused.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PaymentReconnect {
+    /// The derived command id (`headend::command::derived_command_id`).
+    pub id: String,
+    /// The meter.
+    pub meter: String,
+}

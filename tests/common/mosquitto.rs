@@ -7,7 +7,7 @@ use std::io::{BufRead, BufReader};
 use std::path::PathBuf;
 use std::process::{Child, Command, Stdio};
 use std::sync::mpsc as std_mpsc;
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Condvar, Mutex};
 use std::time::Duration;
 
 use rumqttc::{AsyncClient, Event, MqttOptions, Outgoing, Packet, QoS, SubscribeReasonCode};
@@ -15,15 +15,18 @@ use tokio::sync::{mpsc, oneshot};
 
 /// How long a broker may take to say it is running.
 const READY_WITHIN: Duration = Duration::from_secs(10);
-/// Log lines kept for a panic message.
-const LOG_KEPT: usize = 200;
+/// Log lines kept, for `wait_log` and panic messages.
+const LOG_KEPT: usize = 20_000;
+
+/// The broker's recent log lines, and a signal for each new one.
+type Log = Arc<(Mutex<VecDeque<String>>, Condvar)>;
 
 /// A running `mosquitto -c <tempfile>`; killed on drop.
 pub struct Mosquitto {
     port: u16,
     conf: PathBuf,
     child: Option<Child>,
-    log: Arc<Mutex<VecDeque<String>>>,
+    log: Log,
 }
 
 impl Mosquitto {
@@ -88,7 +91,23 @@ impl Mosquitto {
 
     /// The broker's recent log, for assertions and panic messages.
     pub fn log(&self) -> String {
-        self.log.lock().map(|l| l.iter().cloned().collect::<Vec<_>>().join("\n")).unwrap_or_default()
+        self.log.0.lock().map(|l| l.iter().cloned().collect::<Vec<_>>().join("\n")).unwrap_or_default()
+    }
+
+    /// The first kept log line that satisfies `what`, waiting for it as lines come in;
+    /// panics after `within`. Blocking: in async tests call it in `block_in_place`.
+    pub fn wait_log(&self, within: Duration, what: impl Fn(&str) -> bool) -> String {
+        let (lines, signal) = &*self.log;
+        let deadline = std::time::Instant::now() + within;
+        let mut l = lines.lock().expect("log lock");
+        loop {
+            if let Some(line) = l.iter().find(|line| what(line)) {
+                return line.clone();
+            }
+            let left = deadline.saturating_duration_since(std::time::Instant::now());
+            assert!(!left.is_zero(), "no such line in the broker's log within {within:?}");
+            l = signal.wait_timeout(l, left).expect("log lock").0;
+        }
     }
 
     /// Start the process and wait for its "running" line (written after the listener is
@@ -110,12 +129,13 @@ impl Mosquitto {
             let mut ready = Some(ready_tx);
             for line in BufReader::new(stderr).lines().map_while(Result::ok) {
                 let running = line.contains(" running");
-                if let Ok(mut l) = log.lock() {
+                if let Ok(mut l) = log.0.lock() {
                     if l.len() == LOG_KEPT {
                         l.pop_front();
                     }
                     l.push_back(line);
                 }
+                log.1.notify_all();
                 if running {
                     if let Some(tx) = ready.take() {
                         let _ = tx.send(true);
@@ -191,7 +211,13 @@ impl TestClient {
     pub async fn connect(port: u16, filters: &[&str]) -> Self {
         use std::sync::atomic::{AtomicU32, Ordering};
         static N: AtomicU32 = AtomicU32::new(0);
-        let id = format!("test-{}-{}", std::process::id(), N.fetch_add(1, Ordering::Relaxed));
+        Self::connect_as(port, &format!("test-{}-{}", std::process::id(), N.fetch_add(1, Ordering::Relaxed)), filters)
+            .await
+    }
+
+    /// [`TestClient::connect`] with a chosen client id (taking an id over makes the broker
+    /// drop the client that had it: a way to cut one client's connection).
+    pub async fn connect_as(port: u16, id: &str, filters: &[&str]) -> Self {
         let mut opts = MqttOptions::new(id, "127.0.0.1", port);
         opts.set_keep_alive(Duration::from_secs(30));
         opts.set_max_packet_size(8 << 20, 8 << 20);
