@@ -410,3 +410,32 @@ async fn sighup_reloads_protection_flags_without_dropping_work() {
     obs.publish(&rig.cmd("M-C"), r#"{"id":"h2","action":"read"}"#).await;
     assert_eq!(obs.final_status("h2", 10).await["status"], "succeeded");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_daemon_connects_over_tls_with_the_configured_ca() {
+    let fixtures = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/mqtt-tls");
+    let f = |name: &str| fixtures.join(name).to_string_lossy().into_owned();
+    let tls_port = common::mosquitto::free_port();
+    // The harness's plain listener stays open for the observer; the daemon uses TLS.
+    let broker = Mosquitto::start_with(&format!(
+        "listener {tls_port} 127.0.0.1\ncafile {}\ncertfile {}\nkeyfile {}\n",
+        f("ca.pem"),
+        f("server.pem"),
+        f("server.key")
+    ));
+    let dir = TempDir::new("tls-daemon");
+    let config = dir.path("site.toml");
+    std::fs::write(
+        &config,
+        format!(
+            "state_dir = \"state\"\n[mqtt]\nbroker = \"mqtts://localhost:{tls_port}\"\nprefix = \"e2e/tls\"\nca_file = \"{}\"\n",
+            f("ca.pem")
+        ),
+    )
+    .expect("config");
+    let obs = Observer::connect(broker.port(), "e2e/tls", "obs-tls").await;
+    let _daemon = DaemonProcess::start_with(&config, &[]);
+    online(&obs).await;
+    obs.publish("e2e/tls/cmd/MTR-9", r#"{"id":"t1","action":"read"}"#).await;
+    assert_eq!(code(&obs.final_status("t1", 10).await), "unknown_meter", "commands arrive over TLS");
+}

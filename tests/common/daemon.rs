@@ -22,8 +22,14 @@ pub struct DaemonProcess {
 impl DaemonProcess {
     /// Start the daemon on `config`, against `broker`.
     pub fn start(config: &Path, broker: &str) -> Self {
+        Self::start_with(config, &["--broker", broker])
+    }
+
+    /// Start the daemon on `config` with extra arguments (none: the broker of `[mqtt]`).
+    pub fn start_with(config: &Path, extra: &[&str]) -> Self {
         let mut child = Command::new(env!("CARGO_BIN_EXE_headend"))
-            .args(["run", "--config", &config.to_string_lossy(), "--broker", broker])
+            .args(["run", "--config", &config.to_string_lossy()])
+            .args(extra)
             .env("RUST_LOG", "info")
             .stdout(Stdio::null())
             .stderr(Stdio::piped())
