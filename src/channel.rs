@@ -1,19 +1,28 @@
 //! Channel actors: one tokio task owns one physical link and the drivers of the meters
 //! on it, and serialises their work, because an RS-485 bus or a gateway serves one
-//! request at a time. The control lane (cut, restore, read) is always served before
-//! collection work, so a restore waits at most for the exchange in progress.
+//! request at a time.
+//!
+//! Two lanes. The control lane (cut, restore, read) is always served first. The collection
+//! lane runs interval-collection jobs step by step ([`crate::collect::job`]), and between
+//! any two steps the actor serves everything waiting on the control lane, so a restore
+//! waits at most for the one request in flight, even during a week's back-fill. A
+//! collection job holds a permit of the collector's semaphore (the bound on associations
+//! collecting at once); control work never waits for one.
 
 use std::collections::HashMap;
+use std::sync::Arc;
 use std::time::Duration;
 
-use tokio::sync::{mpsc, watch};
+use tokio::sync::{mpsc, watch, Semaphore};
 use tokio_util::sync::CancellationToken;
 use tracing::Instrument;
 
+use crate::collect::job::{CollectJob, JobDone, JobRun};
 use crate::command::{Execution, Input, Op, Outcome, ReadResult};
 use crate::config::LinkConfig;
 use crate::driver::{Driver, Link};
 use crate::meter::{MeterError, MeterId};
+use crate::time::Clock;
 
 /// Whether a channel's link is usable, as last seen.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -38,12 +47,30 @@ pub struct ChannelMeter {
     pub driver: Driver,
 }
 
+/// What a channel needs to run collection jobs.
+#[derive(Clone)]
+pub struct CollectLane {
+    /// Finished jobs go here.
+    pub done: mpsc::UnboundedSender<JobDone>,
+    /// The bound on collection jobs running at once, over all channels.
+    pub permits: Arc<Semaphore>,
+    /// The head-end's clock (clock checks and snapshot times).
+    pub clock: Arc<dyn Clock>,
+}
+
+impl std::fmt::Debug for CollectLane {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("CollectLane").field("permits", &self.permits.available_permits()).finish_non_exhaustive()
+    }
+}
+
 /// The handle the daemon keeps for a running channel.
 #[derive(Debug, Clone)]
 pub struct ChannelHandle {
     /// The link's name.
     pub name: String,
     control: mpsc::UnboundedSender<Execution>,
+    collect: mpsc::UnboundedSender<CollectJob>,
     health: watch::Receiver<LinkHealth>,
 }
 
@@ -51,6 +78,12 @@ impl ChannelHandle {
     /// Queue work on the control lane. Fails only when the channel has stopped.
     pub fn execute(&self, work: Execution) -> Result<(), Execution> {
         self.control.send(work).map_err(|e| e.0)
+    }
+
+    /// Queue a job on the collection lane. Fails when the channel has stopped or was
+    /// started without a collection lane.
+    pub fn collect(&self, job: CollectJob) -> Result<(), CollectJob> {
+        self.collect.send(job).map_err(|e| e.0)
     }
 
     /// The link's health now.
@@ -64,14 +97,17 @@ impl ChannelHandle {
     }
 }
 
-/// Start the actor of one link. Answers go to `answers` as [`Input::Executed`].
+/// Start the actor of one link. Answers go to `answers` as [`Input::Executed`]; with a
+/// collection lane, finished collection jobs go to its `done`.
 pub fn spawn(
     link: LinkConfig,
     meters: Vec<ChannelMeter>,
     answers: mpsc::UnboundedSender<Input>,
+    lane: Option<CollectLane>,
     shutdown: CancellationToken,
 ) -> (ChannelHandle, tokio::task::JoinHandle<()>) {
     let (control, control_rx) = mpsc::unbounded_channel();
+    let (collect, collect_rx) = mpsc::unbounded_channel();
     let (health_tx, health) = watch::channel(LinkHealth::Unknown);
     let name = link.name.clone();
     let actor = Actor {
@@ -80,9 +116,13 @@ pub fn spawn(
         meters: meters.into_iter().map(|m| (m.id.clone(), m)).collect(),
         health: health_tx,
         answers,
+        control: control_rx,
+        shutdown,
     };
-    let task = tokio::spawn(actor.run(control_rx, shutdown));
-    (ChannelHandle { name, control, health }, task)
+    // Without a lane the receiver is dropped, so `collect` fails at once.
+    let collect_rx = lane.map(|l| (l, collect_rx));
+    let task = tokio::spawn(actor.run(collect_rx));
+    (ChannelHandle { name, control, collect, health }, task)
 }
 
 struct Actor {
@@ -91,22 +131,138 @@ struct Actor {
     meters: HashMap<MeterId, ChannelMeter>,
     health: watch::Sender<LinkHealth>,
     answers: mpsc::UnboundedSender<Input>,
+    control: mpsc::UnboundedReceiver<Execution>,
+    shutdown: CancellationToken,
 }
 
 impl Actor {
-    async fn run(mut self, mut control: mpsc::UnboundedReceiver<Execution>, shutdown: CancellationToken) {
+    async fn run(mut self, mut lane: Option<(CollectLane, mpsc::UnboundedReceiver<CollectJob>)>) {
         loop {
-            let work = tokio::select! {
-                biased;
-                _ = shutdown.cancelled() => break,
-                w = control.recv() => match w { Some(w) => w, None => break },
+            let collect_next = async {
+                match lane.as_mut() {
+                    Some((_, rx)) => rx.recv().await,
+                    None => std::future::pending().await,
+                }
             };
-            // An exchange in progress is allowed to finish even on shutdown (bounded by
-            // the link's timeouts), so a switch is never cut off between ACTION and read-back.
-            let outcome = self.execute(&work).await;
-            let _ = self.answers.send(Input::Executed { command: work.command, attempt: work.attempt, outcome });
+            tokio::select! {
+                biased;
+                _ = self.shutdown.cancelled() => break,
+                w = self.control.recv() => match w {
+                    Some(w) => self.serve(w).await,
+                    None => break,
+                },
+                Some(job) = collect_next => {
+                    if let Some((l, _)) = &lane {
+                        let l = l.clone();
+                        self.collect(job, &l).await;
+                    }
+                }
+            }
         }
         self.close().await;
+    }
+
+    /// Run one control request and answer it. An exchange in progress is allowed to
+    /// finish even on shutdown (bounded by the link's timeouts), so a switch is never cut
+    /// off between ACTION and read-back.
+    async fn serve(&mut self, work: Execution) {
+        let outcome = self.execute(&work).await;
+        let _ = self.answers.send(Input::Executed { command: work.command, attempt: work.attempt, outcome });
+    }
+
+    /// Serve everything waiting on the control lane; returns how many.
+    async fn serve_waiting_control(&mut self) -> u32 {
+        let mut n = 0;
+        while let Ok(w) = self.control.try_recv() {
+            self.serve(w).await;
+            n += 1;
+        }
+        n
+    }
+
+    /// Run a collection job step by step, control work first between steps.
+    async fn collect(&mut self, job: CollectJob, lane: &CollectLane) {
+        let mut run = JobRun::new(job);
+        // Wait for a permit, serving the control lane meanwhile.
+        let permit = loop {
+            tokio::select! {
+                biased;
+                _ = self.shutdown.cancelled() => {
+                    run.fail(MeterError::Unreachable("shutting down".into()));
+                    break None;
+                }
+                w = self.control.recv() => match w {
+                    Some(w) => { self.serve(w).await; run.preempted(1); }
+                    None => { run.fail(MeterError::Unreachable("shutting down".into())); break None; }
+                },
+                p = Arc::clone(&lane.permits).acquire_owned() => break p.ok(),
+            }
+        };
+        let meter_id = run.meter().clone();
+        let mut link_failed = false;
+        while run.has_step() {
+            let served = self.serve_waiting_control().await;
+            run.preempted(served);
+            if self.shutdown.is_cancelled() {
+                run.fail(MeterError::Unreachable("shutting down".into()));
+                break;
+            }
+            if let Err(e) = self.ensure_open().await {
+                link_failed = true;
+                run.fail(e);
+                break;
+            }
+            let (Some(link), Some(meter)) = (self.open.as_mut(), self.meters.get_mut(&meter_id)) else {
+                run.fail(MeterError::Unsupported(format!("meter {meter_id} is not on link {}", self.link.name)));
+                break;
+            };
+            let span = tracing::debug_span!("collect", meter = %meter_id);
+            match run.step(&mut meter.driver, link, &*lane.clock).instrument(span).await {
+                Ok(()) => {
+                    self.health.send_replace(LinkHealth::Up);
+                }
+                Err(e) => {
+                    if e.is_link_failure() {
+                        link_failed = true;
+                        self.link_failed(&meter_id, &e);
+                    }
+                    run.fail(e);
+                }
+            }
+        }
+        // Release the association: a fleet's worth of open sessions would cost memory in
+        // the head-end and hold the meters; the next job associates again.
+        if !link_failed {
+            if let (Some(link), Some(meter)) = (self.open.as_mut(), self.meters.get_mut(&meter_id)) {
+                let _ = tokio::time::timeout(Duration::from_secs(2), meter.driver.close(link)).await;
+            }
+        }
+        drop(permit);
+        let _ = lane.done.send(run.finish());
+    }
+
+    async fn ensure_open(&mut self) -> Result<(), MeterError> {
+        if self.open.is_none() {
+            match Link::open(&self.link).await {
+                Ok(l) => self.open = Some(l),
+                Err(e) => {
+                    self.health.send_replace(LinkHealth::Down);
+                    return Err(e);
+                }
+            }
+        }
+        Ok(())
+    }
+
+    fn link_failed(&mut self, meter: &MeterId, e: &MeterError) {
+        tracing::warn!(link = %self.link.name, %meter, error = %e, "link failure; the link is reopened for the next request");
+        // The link is reopened: no meter on it keeps its association or HDLC connection,
+        // including one whose collection job was interrupted by this control request.
+        for m in self.meters.values_mut() {
+            m.driver.reset();
+        }
+        self.open = None;
+        self.health.send_replace(LinkHealth::Down);
     }
 
     async fn execute(&mut self, work: &Execution) -> Outcome {
@@ -116,14 +272,8 @@ impl Actor {
                 work.meter, self.link.name
             )));
         }
-        if self.open.is_none() {
-            match Link::open(&self.link).await {
-                Ok(l) => self.open = Some(l),
-                Err(e) => {
-                    self.health.send_replace(LinkHealth::Down);
-                    return Outcome::Error(e);
-                }
-            }
+        if let Err(e) = self.ensure_open().await {
+            return Outcome::Error(e);
         }
         let (Some(link), Some(meter)) = (self.open.as_mut(), self.meters.get_mut(&work.meter)) else {
             return Outcome::Error(MeterError::Unreachable(self.link.name.clone()));
@@ -131,12 +281,7 @@ impl Actor {
         let span = tracing::info_span!("exchange", command = %work.command, meter = %work.meter, op = ?work.op);
         let result = run_op(meter, link, work.op).instrument(span).await;
         match &result {
-            Outcome::Error(e) if e.is_link_failure() => {
-                tracing::warn!(link = %self.link.name, error = %e, "link failure; the link is reopened for the next request");
-                meter.driver.reset();
-                self.open = None;
-                self.health.send_replace(LinkHealth::Down);
-            }
+            Outcome::Error(e) if e.is_link_failure() => self.link_failed(&work.meter, e),
             _ => {
                 self.health.send_replace(LinkHealth::Up);
             }

@@ -9,6 +9,7 @@ use std::path::{Path, PathBuf};
 
 use serde::Deserialize;
 
+use crate::collect::CollectionConfig;
 use crate::command::CommandsConfig;
 use crate::contract::AccountId;
 use crate::meter::MeterId;
@@ -48,6 +49,9 @@ pub struct SiteConfig {
     /// broker on loopback.
     #[serde(default)]
     pub mqtt: MqttConfig,
+    /// Interval collection: schedules, catch-up, clock checks.
+    #[serde(default)]
+    pub collection: CollectionConfig,
     /// The directory of the file this was loaded from (for relative paths).
     #[serde(skip)]
     pub base_dir: PathBuf,
@@ -185,6 +189,9 @@ pub struct MeterConfig {
     /// Modbus device profile name.
     #[serde(default)]
     pub modbus_profile: Option<String>,
+    /// DLMS: the load profile collected from this meter (default `[collection] profile`).
+    #[serde(default)]
+    pub profile: Option<String>,
 }
 
 fn default_logical_device() -> u16 {
@@ -550,6 +557,9 @@ impl SiteConfig {
             if let Some(Err(e)) = m.account.as_deref().map(AccountId::new) {
                 out.push(format!("meter {}: account: {e}", m.id));
             }
+            if let Some(p) = m.profile.as_deref().filter(|p| crate::dlms::cosem::parse_obis(p).is_none()) {
+                out.push(format!("meter {}: profile {p:?} is not an OBIS code like 1.0.99.1.0.255", m.id));
+            }
         }
         let mut accounts = HashSet::new();
         for a in &self.accounts {
@@ -559,6 +569,7 @@ impl SiteConfig {
         }
         out.extend(self.policy.problems());
         out.extend(self.commands.problems());
+        out.extend(self.collection.problems());
         for (name, p) in &self.modbus_profiles {
             if p.relay_coil.is_some() && p.relay_register.is_some() {
                 out.push(format!("modbus_profile {name}: set relay_coil or relay_register, not both"));

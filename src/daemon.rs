@@ -18,6 +18,7 @@ use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 
 use crate::channel::{self, ChannelHandle, ChannelMeter, LinkHealth};
+use crate::collect::{self, CollectCommand, CollectNote, Lanes, StartArgs};
 use crate::command::{answer_repeat, Command, Engine, Input, Outcome, Output, Record};
 use crate::config::SiteConfig;
 use crate::contract::{
@@ -74,6 +75,10 @@ struct Daemon {
     in_flight: HashMap<(crate::contract::CommandId, u32), MeterId>,
     published_status: Option<StatusMessage>,
     config_generation: u64,
+    /// Asks the collector to collect now (`{p}/admin/collect`); None when collection is off.
+    collect: Option<mpsc::UnboundedSender<CollectCommand>>,
+    /// Per meter: the newest stored reading (Unix s) and the clock drift, from the collector.
+    readings: HashMap<MeterId, (Option<i64>, Option<i64>)>,
 }
 
 /// Run until `shutdown` is cancelled.
@@ -102,11 +107,13 @@ pub async fn run(site: SiteConfig, opts: DaemonOptions, shutdown: CancellationTo
         });
     }
     let channel_stop = CancellationToken::new();
+    let lanes = site.collection.enabled.then(|| Lanes::new(&site.collection, Arc::clone(&opts.clock)));
     let mut channels = HashMap::new();
     let mut channel_tasks = Vec::new();
     for link in &site.links {
         let meters = by_link.remove(&link.name).unwrap_or_default();
-        let (handle, task) = channel::spawn(link.clone(), meters, answers.clone(), channel_stop.clone());
+        let lane = lanes.as_ref().map(Lanes::lane);
+        let (handle, task) = channel::spawn(link.clone(), meters, answers.clone(), lane, channel_stop.clone());
         channels.insert(link.name.clone(), handle);
         channel_tasks.push(task);
     }
@@ -130,6 +137,25 @@ pub async fn run(site: SiteConfig, opts: DaemonOptions, shutdown: CancellationTo
     mqtt_opts.set_manual_acks(true);
     mqtt_opts.set_inflight(100);
     let (client, mut eventloop) = AsyncClient::new(mqtt_opts, 1024);
+    // Readings go over a connection of their own (see `collect::outbox`).
+    let collect_stop = CancellationToken::new();
+    let mut collection = match lanes {
+        Some(lanes) => {
+            let ropts = mqtt::options(&site.mqtt, &url, &format!("{client_id}-readings"), None, &site.base_dir)
+                .map_err(|e| setup(e.to_string()))?;
+            let args = StartArgs {
+                site: &site,
+                channels: channels.clone(),
+                journal: journal.clone(),
+                clock: Arc::clone(&opts.clock),
+                mqtt: ropts,
+                topics: topics.clone(),
+            };
+            Some(collect::start(args, lanes, collect_stop.clone()))
+        }
+        None => None,
+    };
+    let mut notes = collection.as_mut().map(|c| std::mem::replace(&mut c.notes, mpsc::unbounded_channel().1));
     let (from_broker_tx, mut from_broker) = mpsc::unbounded_channel();
     let poll_stop = shutdown.clone();
     let poller = tokio::spawn(async move {
@@ -174,6 +200,8 @@ pub async fn run(site: SiteConfig, opts: DaemonOptions, shutdown: CancellationTo
         in_flight: HashMap::new(),
         published_status: None,
         config_generation: 0,
+        collect: collection.as_ref().map(|c| c.commands.clone()),
+        readings: HashMap::new(),
     };
     let mut reload = opts.reload;
     let result = async {
@@ -189,6 +217,12 @@ pub async fn run(site: SiteConfig, opts: DaemonOptions, shutdown: CancellationTo
             let timer = async {
                 match wake {
                     Some(ms) => tokio::time::sleep(Duration::from_millis(ms)).await,
+                    None => std::future::pending().await,
+                }
+            };
+            let next_note = async {
+                match notes.as_mut() {
+                    Some(n) => n.recv().await,
                     None => std::future::pending().await,
                 }
             };
@@ -218,6 +252,7 @@ pub async fn run(site: SiteConfig, opts: DaemonOptions, shutdown: CancellationTo
                     d.reload(new);
                     d.publish_status().await;
                 }
+                Some(note) = next_note => d.on_collect_note(note).await,
             }
         }
         Ok::<(), DaemonError>(())
@@ -225,7 +260,12 @@ pub async fn run(site: SiteConfig, opts: DaemonOptions, shutdown: CancellationTo
     .await;
 
     // Drain: no new work; exchanges in progress finish within their timeouts and their
-    // commands stay resumable in the journal.
+    // commands stay resumable in the journal. Readings not yet acknowledged stay in the
+    // outbox and are published after the restart.
+    collect_stop.cancel();
+    if let Some(c) = collection {
+        let _ = tokio::time::timeout(Duration::from_secs(5), c.join()).await;
+    }
     channel_stop.cancel();
     for t in channel_tasks {
         let _ = tokio::time::timeout(Duration::from_secs(10), t).await;
@@ -243,11 +283,15 @@ fn json<T: Serialize>(v: &T) -> String {
 impl Daemon {
     async fn on_connected(&mut self) {
         let admin = self.admin_topic();
-        for (topic, qos) in [
+        let mut topics = vec![
             (self.topics.cmd_filter(), QoS::AtLeastOnce),
             (self.topics.payments(), QoS::AtLeastOnce),
             (admin, QoS::AtLeastOnce),
-        ] {
+        ];
+        if self.collect.is_some() {
+            topics.push((self.collect_topic(), QoS::AtLeastOnce));
+        }
+        for (topic, qos) in topics {
             if let Err(e) = self.client.subscribe(topic, qos).await {
                 tracing::error!(error = %e, "subscribe");
             }
@@ -320,6 +364,7 @@ impl Daemon {
             Some(Inbound::CommandBadMeter(_)) => self.on_command(None, &topic, &p).await?,
             Some(Inbound::Payments) => self.on_payment(&p).await?,
             None if topic == self.admin_topic() => self.on_lift_quarantine(&p).await?,
+            None if topic == self.collect_topic() => self.on_collect_now(&p),
             None => tracing::debug!(%topic, "ignored"),
         }
         // Acked only now: everything above that had to be durable is in the journal.
@@ -330,7 +375,19 @@ impl Daemon {
     async fn on_command(&mut self, meter: Option<MeterId>, topic: &str, p: &Publish) -> Result<(), DaemonError> {
         let now = self.now();
         let raw_meter = topic.rsplit('/').next().unwrap_or_default().to_owned();
-        let parsed = CommandRequest::parse(&p.payload);
+        // `pay:` ids are the daemon's own (payment-driven reconnects): a caller taking one
+        // first could block the reconnect a payment is owed.
+        let parsed = CommandRequest::parse(&p.payload).and_then(|r| {
+            if r.id.as_str().starts_with("pay:") {
+                Err(Rejection {
+                    id: Some(r.id.to_string()),
+                    code: ErrorCode::InvalidPayload,
+                    message: "command ids starting with `pay:` are reserved for payment-driven reconnects".into(),
+                })
+            } else {
+                Ok(r)
+            }
+        });
         let (meter, request) = match (meter, parsed) {
             (Some(m), Ok(r)) if self.engine.registry().meter(&m).is_some() => (m, r),
             (meter, parsed) => {
@@ -460,6 +517,42 @@ impl Daemon {
         self.apply(out).await.map(|_| ())
     }
 
+    /// `{p}/admin/collect` (an extension): `{}` collects every meter now, up to the
+    /// latest boundary; `{"meters": ["MTR-0001", ...]}` only those.
+    fn collect_topic(&self) -> String {
+        format!("{}/admin/collect", self.topics.prefix())
+    }
+
+    fn on_collect_now(&self, p: &Publish) {
+        #[derive(serde::Deserialize)]
+        struct Now {
+            #[serde(default)]
+            meters: Option<Vec<MeterId>>,
+        }
+        let Some(tx) = &self.collect else { return };
+        match serde_json::from_slice::<Now>(&p.payload) {
+            Ok(now) => {
+                tracing::info!(meters = ?now.meters.as_ref().map(Vec::len), "collect now, asked over MQTT");
+                let _ = tx.send(CollectCommand::Now(now.meters));
+            }
+            Err(e) => tracing::warn!(error = %e, "collect now refused: expected {{}} or {{\"meters\": [ids]}}"),
+        }
+    }
+
+    /// The collector learnt something of a meter: remember it, and republish the meter's
+    /// state when its newest reading or its clock drift changed.
+    async fn on_collect_note(&mut self, note: CollectNote) {
+        if let Some(ms) = note.seen_ms {
+            self.last_seen.insert(note.meter.clone(), ms);
+        }
+        let entry = self.readings.entry(note.meter.clone()).or_insert((None, None));
+        let new = (note.last_reading_s.or(entry.0), note.drift_s.or(entry.1));
+        if new != *entry {
+            *entry = new;
+            self.publish_state(&note.meter).await;
+        }
+    }
+
     async fn record(&self, records: Vec<Record>) -> Result<(), DaemonError> {
         if records.is_empty() {
             return Ok(());
@@ -550,7 +643,11 @@ impl Daemon {
     }
 
     async fn publish_state(&self, meter: &MeterId) {
-        let Some(view) = self.engine.meter(meter) else { return };
+        let view = self.engine.meter(meter);
+        let (last_reading, drift_s) = self.readings.get(meter).copied().unwrap_or((None, None));
+        if view.is_none() && last_reading.is_none() && drift_s.is_none() {
+            return;
+        }
         let offset = self.engine.offset_of(meter);
         let entry = self.engine.registry().meter(meter);
         let online = self
@@ -561,12 +658,13 @@ impl Daemon {
         let state = StateMessage {
             meter: meter.clone(),
             account: entry.and_then(|e| e.account.clone()),
-            relay: view.relay,
-            reason: view.cut_reason,
-            since: view.since_ms.map(|ms| format_at(ms, offset)),
+            relay: view.as_ref().map_or(crate::meter::RelayState::Unknown, |v| v.relay),
+            reason: view.as_ref().and_then(|v| v.cut_reason),
+            since: view.and_then(|v| v.since_ms).map(|ms| format_at(ms, offset)),
             online,
             last_seen: self.last_seen.get(meter).map(|ms| format_at(*ms, offset)),
-            last_reading: None,
+            last_reading: last_reading.map(|s| crate::time::format_rfc3339(s, offset)),
+            drift_s,
         };
         let body = json(&state);
         if let Err(e) = self.client.publish(self.topics.state(meter), QoS::AtLeastOnce, true, body).await {

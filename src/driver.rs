@@ -161,6 +161,11 @@ impl Driver {
         dispatch!(self, link, d, p => d.read_clock(p).await, d.read_clock(p).await)
     }
 
+    /// Set the meter's clock to `unix` seconds (the meter's configured offset).
+    pub async fn set_clock(&mut self, link: &mut Link, unix: i64) -> Result<(), MeterError> {
+        dispatch!(self, link, d, p => d.set_clock(p, unix).await, d.set_clock(p, unix).await)
+    }
+
     /// The load profile over `[from, to]` (Unix seconds). DLMS only: Modbus meters have
     /// no profile; the head-end takes snapshots instead.
     pub async fn read_profile(

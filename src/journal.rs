@@ -39,8 +39,11 @@ use crate::command::{Command, MeterRecord, Record, Recovered, StoredCommand};
 use crate::contract::{AccountId, Payment, ResultMessage};
 use crate::policy::QuarantineState;
 
+mod readings;
 mod schema;
 mod store;
+
+pub use readings::{NewBatch, OutboxEntry, Progress, Stored};
 
 pub use schema::LATEST as SCHEMA_VERSION;
 

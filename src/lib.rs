@@ -6,6 +6,7 @@
 //! site), [`meter`] (the types every layer shares).
 
 pub mod channel;
+pub mod collect;
 pub mod command;
 pub mod config;
 pub mod contract;

@@ -28,6 +28,9 @@ pub struct Port {
     origin: Option<LinkConfig>,
     /// The stream ended or failed; only [`Port::reopen`] makes it usable again.
     closed: bool,
+    /// Unique per opened stream: a driver whose association was made on another stream
+    /// (before a reopen) knows it must associate again.
+    id: u64,
     /// Bytes written and read since opening, for wire-time accounting.
     pub bytes_out: u64,
     /// See `bytes_out`.
@@ -43,12 +46,15 @@ impl std::fmt::Debug for Port {
 impl Port {
     /// Wrap an already open stream (an accepted inbound connection, a test pipe).
     pub fn from_io(io: impl ByteIo + 'static, label: impl Into<String>) -> Self {
+        static NEXT_ID: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(1);
+        let id = NEXT_ID.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         Self {
             io: Box::new(io),
             rx: Vec::new(),
             label: label.into(),
             origin: None,
             closed: false,
+            id,
             bytes_out: 0,
             bytes_in: 0,
         }
@@ -124,6 +130,11 @@ impl Port {
         }
     }
 
+    /// This stream's identity (changes when the link is reopened).
+    pub fn id(&self) -> u64 {
+        self.id
+    }
+
     /// True when the stream has ended and must be reopened.
     pub fn is_closed(&self) -> bool {
         self.closed
@@ -176,5 +187,8 @@ impl Port {
 
 /// A deadline `ms` from now.
 pub fn deadline_in(ms: u64) -> Instant {
-    Instant::now() + Duration::from_millis(ms)
+    let now = Instant::now();
+    // A day is longer than any exchange; it also keeps an absurd configured timeout
+    // from overflowing the clock.
+    now.checked_add(Duration::from_millis(ms.min(86_400_000))).unwrap_or(now)
 }

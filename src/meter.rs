@@ -164,6 +164,9 @@ pub struct ProfileRow {
     pub unix_seconds: Option<i64>,
     /// The status column, where the profile has one.
     pub status: Option<u8>,
+    /// The status byte of the row's date-time (bit 0 invalid, bit 1 doubtful), when given.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub clock_status: Option<u8>,
     /// The other columns, in capture order, scaled; None where a cell is not a number.
     pub values: Vec<Option<f64>>,
 }

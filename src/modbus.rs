@@ -84,6 +84,11 @@ impl ModbusPort {
     ) -> Result<T, MeterError> {
         match r {
             Ok(Ok(Ok(v))) => Ok(v),
+            // Busy, or a gateway whose device behind it did not answer: a passing
+            // condition, retried like a timeout rather than ending the command.
+            Ok(Ok(Err(code))) if is_transient(code) => {
+                Err(MeterError::Unreachable(format!("{what}: Modbus exception {}: {code}", u8::from(code))))
+            }
             Ok(Ok(Err(code))) => {
                 Err(MeterError::Refused(format!("{what}: Modbus exception {}: {code}", u8::from(code))))
             }
@@ -147,6 +152,14 @@ impl ModbusPort {
         self.settle(r, &format!("write coil {addr}"))
     }
 
+    /// Write a run of holding registers in one request (function 16).
+    pub async fn write_registers(&mut self, unit: u8, addr: u16, values: &[u16]) -> Result<(), MeterError> {
+        let t = self.timeout();
+        let ctx = self.ctx(unit).await?;
+        let r = tokio::time::timeout(t, ctx.write_multiple_registers(addr, values)).await;
+        self.settle(r, &format!("write {} register(s) at {addr}", values.len()))
+    }
+
     /// Write a holding register.
     pub async fn write_register(&mut self, unit: u8, addr: u16, value: u16) -> Result<(), MeterError> {
         let t = self.timeout();
@@ -156,9 +169,16 @@ impl ModbusPort {
     }
 }
 
-/// Whether an exception is the gateway saying the device behind it did not answer.
-pub fn is_gateway_failure(code: ExceptionCode) -> bool {
-    matches!(code, ExceptionCode::GatewayPathUnavailable | ExceptionCode::GatewayTargetDevice)
+/// Whether an exception says "not now" rather than "no": the device is busy
+/// (acknowledge, busy), or a gateway could not reach the device behind it.
+pub fn is_transient(code: ExceptionCode) -> bool {
+    matches!(
+        code,
+        ExceptionCode::Acknowledge
+            | ExceptionCode::ServerDeviceBusy
+            | ExceptionCode::GatewayPathUnavailable
+            | ExceptionCode::GatewayTargetDevice
+    )
 }
 
 /// A Modbus meter: a unit id and its device profile.
@@ -242,6 +262,17 @@ impl ModbusMeter {
             self.profile.clock.ok_or_else(|| MeterError::Unsupported("no clock registers in the profile".into()))?;
         let w = port.read_registers(self.unit, RegisterTable::Holding, c.register, 6).await?;
         clock_of(&w, self.utc_offset_minutes)
+    }
+
+    /// Set the clock registers (one block of six, local time) to `unix` seconds.
+    pub async fn set_clock(&self, port: &mut ModbusPort, unix: i64) -> Result<(), MeterError> {
+        let c =
+            self.profile.clock.ok_or_else(|| MeterError::Unsupported("no clock registers in the profile".into()))?;
+        let local = unix + i64::from(self.utc_offset_minutes.unwrap_or(0)) * 60;
+        let (y, mo, d) = crate::time::civil_from_days(local.div_euclid(86_400));
+        let tod = local.rem_euclid(86_400);
+        let words = [y, mo, d, tod / 3600, (tod % 3600) / 60, tod % 60].map(|v| u16::try_from(v).unwrap_or(0));
+        port.write_registers(self.unit, c.register, &words).await
     }
 }
 

@@ -141,6 +141,8 @@ async fn every_status_and_error_code_of_the_contract() {
         .await
         .json;
     assert_eq!((r["status"].as_str(), code(&r), r["id"].is_null()), (Some("rejected"), "invalid_payload", true));
+    obs.publish(&rig.cmd("M-A"), r#"{"id":"pay:stolen:M-A","action":"disconnect","reason":"safety"}"#).await;
+    assert_eq!(code(&obs.final_status("pay:stolen:M-A", 10).await), "invalid_payload", "pay: ids are reserved");
     obs.publish(&rig.cmd("M-A"), r#"{"id":"bad id with spaces","action":"read"}"#).await;
     let r = obs
         .wait_for(10, "invalid id", |m| {

@@ -174,6 +174,8 @@ async fn wrapper_reads_identity_relay_registers_and_clock() {
     let t = clock.unix_seconds.expect("clock is a point in time");
     assert!((t - now).abs() < 60, "meter clock {t} vs now {now}");
     d.close(&mut link).await;
+    // Only ciphered associations keep invocation counters.
+    assert!(!s.site.state_dir().join("invocation-counters").join("M-NONE.ic").exists());
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -208,8 +208,8 @@ async fn an_empty_or_older_file_is_migrated_and_a_newer_one_refused() {
         .prepare("SELECT version FROM schema_version ORDER BY version")
         .and_then(|mut s| s.query_map([], |r| r.get(0))?.collect())
         .expect("versions");
-    assert_eq!(versions, vec![1]);
-    assert_eq!(SCHEMA_VERSION, 1);
+    assert_eq!(versions, vec![1, 2]);
+    assert_eq!(SCHEMA_VERSION, 2);
     let kept: i64 = conn.query_row("SELECT x FROM unrelated", [], |r| r.get(0)).expect("untouched");
     assert_eq!(kept, 1);
     // Reopening an up-to-date file migrates nothing and loses nothing.
@@ -217,7 +217,7 @@ async fn an_empty_or_older_file_is_migrated_and_a_newer_one_refused() {
     // A file from a newer build is refused, not guessed at.
     conn.execute("INSERT INTO schema_version (version) VALUES (99)", []).expect("bump");
     drop(conn);
-    assert!(matches!(Journal::open(&dir.file()), Err(JournalError::NewerSchema { found: 99, supported: 1 })));
+    assert!(matches!(Journal::open(&dir.file()), Err(JournalError::NewerSchema { found: 99, supported: 2 })));
 }
 
 #[tokio::test]

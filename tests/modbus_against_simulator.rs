@@ -75,7 +75,9 @@ async fn exceptions_are_clear_errors_and_the_link_goes_on() {
     let site = gateway_site(&dir, &sim);
     let (mut gone, mut link) = open(&site, "MB-GONE").await;
     let err = gone.read_relay(&mut link).await.expect_err("no such unit behind the gateway");
-    assert!(matches!(&err, MeterError::Refused(m) if m.contains("exception 11")), "{err:?}");
+    // The gateway could not reach the device: retryable, like a timeout.
+    assert!(matches!(&err, MeterError::Unreachable(m) if m.contains("exception 11")), "{err:?}");
+    assert_eq!(err.code(), "meter_unreachable");
     let (mut wrong, _) = open(&site, "MB-WRONG-MAP").await;
     let err = wrong.read_identity(&mut link).await.expect_err("no such register");
     assert!(matches!(&err, MeterError::Refused(m) if m.contains("exception 2")), "{err:?}");

@@ -308,6 +308,9 @@ pub struct StateMessage {
     /// Time of the newest stored reading.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub last_reading: Option<String>,
+    /// An extension: the meter's clock minus the head-end's, seconds, as last checked.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub drift_s: Option<i64>,
 }
 
 /// `{p}/status` (retained): the daemon itself. The last will is `{"online": false}`.
@@ -394,6 +397,37 @@ pub struct ReadingsBatch {
     pub columns: Vec<ReadingColumn>,
     /// Rows in time order.
     pub rows: Vec<ReadingRow>,
+    /// An extension: the outbox's id of this batch. A batch published again after a
+    /// broker or daemon restart carries the same id and the same rows.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub batch: Option<i64>,
+    /// An extension: rows kept with a doubt (`power_down`, `clock_adjusted`, `late`, ...).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub flags: Vec<RowFlags>,
+    /// An extension: intervals missing before or between these rows.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub gaps: Vec<RowGap>,
+}
+
+/// The flags of one row of a readings batch.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct RowFlags {
+    /// The row's time, as in the row.
+    pub at: String,
+    /// What is doubtful about it.
+    pub flags: Vec<String>,
+}
+
+/// Intervals the meter did not deliver (or could not be read for), reported rather than
+/// left as a silent hole.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct RowGap {
+    /// The first missing interval's time.
+    pub from: String,
+    /// The last missing interval's time.
+    pub to: String,
+    /// How many intervals.
+    pub intervals: u64,
 }
 
 /// `{p}/payment/{id}`: what became of one payment. An extension of the contract (which

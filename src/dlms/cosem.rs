@@ -147,15 +147,23 @@ pub fn scaled(d: &Data<'_>, scaler: i8) -> Option<f64> {
     Some(raw * 10f64.powi(i32::from(scaler)))
 }
 
-/// Combine output_state (attr 2) and control_state (attr 3) into one relay state.
+/// Combine output_state (attr 2) and control_state (attr 3) into one relay state. When
+/// both are known they must agree (a welded contactor reports control state 0 with
+/// output true): disagreement is `Unknown`, which a switch judges as not done.
 pub fn relay_state(output: Option<bool>, control_state: Option<u8>) -> RelayState {
-    match (control_state, output) {
-        (Some(1), _) => RelayState::Connected,
-        (Some(2), _) => RelayState::ReadyForReconnection,
-        (Some(0), _) => RelayState::Disconnected,
-        (_, Some(true)) => RelayState::Connected,
-        (_, Some(false)) => RelayState::Disconnected,
-        _ => RelayState::Unknown,
+    let from_control = match control_state {
+        Some(1) => Some(RelayState::Connected),
+        Some(2) => Some(RelayState::ReadyForReconnection),
+        Some(0) => Some(RelayState::Disconnected),
+        _ => None,
+    };
+    match (from_control, output) {
+        (Some(RelayState::Connected), Some(false)) => RelayState::Unknown,
+        (Some(RelayState::Disconnected | RelayState::ReadyForReconnection), Some(true)) => RelayState::Unknown,
+        (Some(state), _) => state,
+        (None, Some(true)) => RelayState::Connected,
+        (None, Some(false)) => RelayState::Disconnected,
+        (None, None) => RelayState::Unknown,
     }
 }
 
@@ -197,12 +205,19 @@ pub fn profile_rows(
     let values_per_row = kinds.iter().filter(|k| matches!(k, ColumnKind::Value { .. })).count();
     pb.for_each_cell(kinds.len(), |row, col, cell| {
         if rows.len() <= row {
-            rows.push(ProfileRow { unix_seconds: None, status: None, values: Vec::with_capacity(values_per_row) });
+            rows.push(ProfileRow {
+                unix_seconds: None,
+                status: None,
+                clock_status: None,
+                values: Vec::with_capacity(values_per_row),
+            });
         }
         if let (Some(r), Some(kind)) = (rows.last_mut(), kinds.get(col)) {
             match kind {
                 ColumnKind::Clock => {
-                    r.unix_seconds = datetime_of(&cell).and_then(|dt| unix_seconds(&dt, fallback_offset))
+                    let dt = datetime_of(&cell);
+                    r.unix_seconds = dt.and_then(|dt| unix_seconds(&dt, fallback_offset));
+                    r.clock_status = dt.filter(|dt| !dt.status.is_not_specified()).map(|dt| dt.status.0);
                 }
                 ColumnKind::Status => r.status = cell.as_u64().and_then(|v| u8::try_from(v).ok()),
                 ColumnKind::Value { scaler, .. } => r.values.push(scaled(&cell, *scaler)),
@@ -270,6 +285,10 @@ mod tests {
         assert_eq!(relay_state(Some(true), Some(1)), RelayState::Connected);
         assert_eq!(relay_state(Some(false), None), RelayState::Disconnected);
         assert_eq!(relay_state(None, None), RelayState::Unknown);
+        // Attribute 2 and 3 disagree: not proof of anything.
+        assert_eq!(relay_state(Some(true), Some(0)), RelayState::Unknown);
+        assert_eq!(relay_state(Some(false), Some(1)), RelayState::Unknown);
+        assert_eq!(relay_state(Some(true), Some(2)), RelayState::Unknown);
     }
 
     #[test]

@@ -45,8 +45,12 @@ impl CounterStore {
         }
     }
 
-    /// Durably record that values up to `upto` may be used.
+    /// Durably record that values up to `upto` may be used. Never lowers what is on
+    /// disk: a reservation only moves forward, whoever writes it.
     pub fn reserve(&self, meter: &MeterId, upto: u32) -> Result<(), MeterError> {
+        if self.load(meter)? >= upto {
+            return Ok(());
+        }
         let path = self.path(meter);
         write_atomically(&self.dir, &path, format!("{upto}\n").as_bytes())
             .map_err(|e| MeterError::Storage(format!("{}: {e}", path.display())))
@@ -115,6 +119,17 @@ mod tests {
         assert_eq!(r.reserved, 3 + RESERVATION_BLOCK);
         // A restart resumes at the reservation, beyond anything used.
         assert_eq!(CounterStore::new(&dir).load(&meter).expect("reads"), 3 + RESERVATION_BLOCK);
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+
+    #[test]
+    fn a_reservation_never_moves_backwards() {
+        let dir = std::env::temp_dir().join(format!("headend-ic-back-{}", std::process::id()));
+        let meter = MeterId::new("M3").expect("valid");
+        let store = CounterStore::new(&dir);
+        store.reserve(&meter, 5000).expect("reserves");
+        store.reserve(&meter, 1002).expect("a lower reservation is a no-op");
+        assert_eq!(store.load(&meter).expect("reads"), 5000);
         let _ = std::fs::remove_dir_all(&dir);
     }
 

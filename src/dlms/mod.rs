@@ -16,7 +16,7 @@ use dlms_cosem_rs::obis::Obis;
 use dlms_cosem_rs::security::{
     KeyRing, RandomSource, RustCryptoProvider, Secret, SecurityPolicy, SecuritySuite, SystemTitle,
 };
-use dlms_cosem_rs::xdlms::{AttributeDescriptor, MethodDescriptor, SelectiveAccess, ServiceError};
+use dlms_cosem_rs::xdlms::{AttributeDescriptor, DataAccessResult, MethodDescriptor, SelectiveAccess, ServiceError};
 
 use crate::config::{AuthKind, HdlcOptions};
 use crate::link::Port;
@@ -92,6 +92,8 @@ pub struct DlmsMeter {
     settings: DlmsSettings,
     transport: Transport,
     session: Option<Box<Session>>,
+    /// The port the session was opened on ([`Port::id`]).
+    session_port: Option<u64>,
     counters: CounterStore,
     reservation: Reservation,
     scalers: Vec<(Obis, i8, String)>,
@@ -131,6 +133,7 @@ impl DlmsMeter {
             settings,
             transport,
             session: None,
+            session_port: None,
             counters,
             reservation: Reservation::default(),
             scalers: Vec::new(),
@@ -215,6 +218,14 @@ impl DlmsMeter {
         cosem::clock_of(&cosem::decode(&bytes)?, self.settings.utc_offset_minutes)
     }
 
+    /// Set the meter's clock (class 8, attribute 2) to `unix` seconds, written in the
+    /// meter's configured offset. Needs a client the meter lets write (management).
+    pub async fn set_clock(&mut self, port: &mut Port, unix: i64) -> Result<(), MeterError> {
+        let offset = self.settings.utc_offset_minutes.unwrap_or(0);
+        let value = cosem::datetime_at(unix, offset).to_bytes().to_vec();
+        self.call(port, Call::Set { class: 8, obis: cosem::CLOCK, attr: 2, value }).await.map(|_| ())
+    }
+
     /// The load profile rows captured in `[from, to]` (Unix seconds), by range; when the
     /// meter refuses selective access by range, by entry from the newest backwards.
     pub async fn read_profile(
@@ -235,7 +246,7 @@ impl DlmsMeter {
             Ok(bytes) => cosem::profile_rows(&cosem::decode(&bytes)?, &meta.kinds, self.settings.utc_offset_minutes)?,
             Err(MeterError::Refused(why)) => {
                 tracing::info!(meter = %self.settings.meter, %why, "range access refused; reading by entry");
-                self.profile_by_entry(port, obis, &meta, from).await?
+                self.profile_by_entry(port, obis, &meta, from, to).await?
             }
             Err(e) => return Err(e),
         };
@@ -254,6 +265,7 @@ impl DlmsMeter {
         obis: Obis,
         meta: &ProfileMeta,
         from: i64,
+        to: i64,
     ) -> Result<Vec<crate::meter::ProfileRow>, MeterError> {
         let entries = cosem::decode(&self.get(port, 7, obis, 7, None).await?)?
             .as_u64()
@@ -265,8 +277,18 @@ impl DlmsMeter {
             _ => entries,
         };
         let first = entries.saturating_sub(wanted).saturating_add(1);
+        // And stop near `to` rather than at the newest entry, so that a back-fill read in
+        // pieces does not ask for everything up to now each time (one entry of margin for
+        // a clock between two captures; rows outside the range are dropped by the caller).
+        let last = match (now, meta.capture_period_s) {
+            (Some(now), p) if p > 0 && now > to => {
+                let newer = (now - to) as u64 / u64::from(p);
+                entries.saturating_sub(newer.saturating_sub(1)).max(first)
+            }
+            _ => 0,
+        };
         let mut params = [0u8; 64];
-        let sa = EntryDescriptor::entries(u32::try_from(first).unwrap_or(1), 0)
+        let sa = EntryDescriptor::entries(u32::try_from(first).unwrap_or(1), u32::try_from(last).unwrap_or(0))
             .to_selective_access(&mut params)
             .map_err(|e| MeterError::Protocol(format!("entry descriptor: {e}")))?;
         let bytes = self.get(port, 7, obis, 2, Some(encode_access(&sa)?)).await?;
@@ -356,6 +378,11 @@ impl DlmsMeter {
     /// Run a call on an open association; when an association that was reused turns out
     /// to be gone (the meter closed it after an idle time), associate again once.
     async fn call(&mut self, port: &mut Port, call: Call) -> Result<Answer, MeterError> {
+        if self.session_port != Some(port.id()) {
+            // The link was reopened (by another meter's driver on the same port, or by
+            // the channel): whatever this driver had open is gone with the old stream.
+            self.reset();
+        }
         let reused = self.is_associated();
         if !reused {
             self.associate(port).await?;
@@ -390,6 +417,12 @@ impl DlmsMeter {
                     };
                     session.get_request(AttributeDescriptor::new(*class, *obis, *attr), sa, &mut req)
                 }
+                Call::Set { class, obis, attr, value } => session.set_request(
+                    AttributeDescriptor::new(*class, *obis, *attr),
+                    None,
+                    Data::OctetString(value),
+                    &mut req,
+                ),
                 Call::Action { class, obis, method } => session.action_request(
                     MethodDescriptor::new(*class, *obis, *method),
                     Some(Data::Integer(0)),
@@ -415,6 +448,10 @@ impl DlmsMeter {
                     let mut out = Vec::new();
                     value.encode(&mut out).map_err(|e| MeterError::Protocol(format!("{what}: {e}")))?;
                     return Ok(Answer::Value(out));
+                }
+                // "Try again later" is not a refusal: retried like a timeout.
+                Response::DataError(e @ DataAccessResult::TemporaryFailure) => {
+                    return Err(MeterError::Unreachable(format!("{what}: {e:?}")))
                 }
                 Response::DataError(e) => return Err(MeterError::Refused(format!("{what}: {e:?}"))),
                 Response::Ok => return Ok(Answer::Done),
@@ -463,8 +500,10 @@ impl DlmsMeter {
     /// Send one APDU over the transport and return the answer APDU. A transport failure
     /// leaves the association in an unknown state, so it is dropped.
     async fn exchange(&mut self, port: &mut Port, apdu: &[u8]) -> Result<Vec<u8>, MeterError> {
-        if let Some(session) = &self.session {
-            // Every ciphered APDU spends a counter value: reserve before sending.
+        if let Some(session) = self.session.as_ref().filter(|_| self.settings.auth == AuthKind::HlsGmac) {
+            // Every ciphered APDU spends a counter value: reserve before sending. Only
+            // ciphered sessions touch the store: a public or LLS session of the same
+            // meter must never write over the ciphered one's reservation.
             self.reservation.ensure(&self.counters, &self.settings.meter, session.invocation_counter(), 2)?;
         }
         let result = match &mut self.transport {
@@ -521,8 +560,11 @@ impl DlmsMeter {
             Err(AssociateError::CounterStale) if self.settings.auth == AuthKind::HlsGmac => {
                 let expected = Box::pin(self.read_counter_publicly(port)).await?;
                 let current = self.counters.load(&self.settings.meter)?;
-                // Only ever forward: backwards would reuse nonces under the same key.
-                let resume = current.max(expected.saturating_sub(1));
+                // Only ever forward: backwards would reuse nonces under the same key. Meters
+                // differ in whether the object holds the last value received or the next
+                // one expected; resuming after `expected` is right for both (at worst one
+                // value is skipped).
+                let resume = current.max(expected);
                 self.counters.reserve(&self.settings.meter, resume)?;
                 tracing::warn!(meter = %self.settings.meter, "invocation counter resynchronised from the meter");
                 self.associate_once(port).await.map_err(AssociateError::into_meter_error)
@@ -579,6 +621,7 @@ impl DlmsMeter {
             }
         }
         self.session = Some(Box::new(session));
+        self.session_port = Some(port.id());
         Ok(())
     }
 
@@ -602,6 +645,7 @@ impl DlmsMeter {
 
 enum Call {
     Get { class: u16, obis: Obis, attr: i8, access: Option<(u8, Vec<u8>)> },
+    Set { class: u16, obis: Obis, attr: i8, value: Vec<u8> },
     Action { class: u16, obis: Obis, method: i8 },
 }
 
@@ -609,6 +653,7 @@ impl Call {
     fn describe(&self) -> String {
         match self {
             Call::Get { class, obis, attr, .. } => format!("GET {class}/{}/{attr}", cosem::obis_text(*obis)),
+            Call::Set { class, obis, attr, .. } => format!("SET {class}/{}/{attr}", cosem::obis_text(*obis)),
             Call::Action { class, obis, method } => format!("ACTION {class}/{}/{method}", cosem::obis_text(*obis)),
         }
     }

@@ -77,6 +77,30 @@ const MIGRATIONS: &[&str] = &[
         detail          TEXT NOT NULL
     );
     "#,
+    // Version 2: interval collection. The newest stored row per meter and source (where
+    // the next read starts, and what makes a row stored twice impossible), and the
+    // outbox of readings batches not yet acknowledged by the broker.
+    r#"
+    CREATE TABLE readings_progress (
+        meter           TEXT NOT NULL,
+        source          TEXT NOT NULL,   -- profile OBIS, or "snapshot"
+        last_s          INTEGER NOT NULL,-- capture time of the newest row stored, Unix s
+        last_values     TEXT,            -- its values (JSON), for the cumulative check
+        updated_ms      INTEGER NOT NULL,
+        PRIMARY KEY (meter, source)
+    );
+
+    CREATE TABLE readings_outbox (
+        seq             INTEGER PRIMARY KEY AUTOINCREMENT,  -- publish order; the batch id
+        meter           TEXT NOT NULL,
+        source          TEXT NOT NULL,
+        first_s         INTEGER NOT NULL,
+        last_s          INTEGER NOT NULL,
+        rows            INTEGER NOT NULL,
+        payload         TEXT NOT NULL,   -- the readings message, frozen: republished as is
+        created_ms      INTEGER NOT NULL
+    );
+    "#,
 ];
 
 /// The version a database is at (0 for an empty file).
@@ -88,15 +112,48 @@ pub fn version(conn: &Connection) -> Result<u32, JournalError> {
 
 /// Bring a database to [`LATEST`]; returns the version it was found at.
 pub fn migrate(conn: &mut Connection) -> Result<u32, JournalError> {
+    migrate_to(conn, LATEST)
+}
+
+/// Bring a database to `target` (at most [`LATEST`]); tests build old versions with it.
+fn migrate_to(conn: &mut Connection, target: u32) -> Result<u32, JournalError> {
     let found = version(conn)?;
     if found > LATEST {
         return Err(JournalError::NewerSchema { found, supported: LATEST });
     }
-    for (i, sql) in MIGRATIONS.iter().enumerate().skip(found as usize) {
+    for (i, sql) in MIGRATIONS.iter().enumerate().take(target as usize).skip(found as usize) {
         let tx = conn.transaction()?;
         tx.execute_batch(sql)?;
         tx.execute("INSERT INTO schema_version (version) VALUES (?1)", [i as i64 + 1])?;
         tx.commit()?;
     }
     Ok(found)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_version_1_database_migrates_to_2_keeping_its_commands() {
+        let mut conn = Connection::open_in_memory().expect("sqlite");
+        assert_eq!(migrate_to(&mut conn, 1).ok(), Some(0));
+        conn.execute_batch(
+            "INSERT INTO commands (id, meter, action, request, received_ms, expires_ms, status, updated_ms)
+             VALUES ('c1', 'M1', 'read', '{}', 1, 2, 'accepted', 1);",
+        )
+        .expect("a version-1 row");
+        assert!(conn.prepare("SELECT * FROM readings_outbox").is_err(), "no outbox in version 1");
+        assert_eq!(migrate(&mut conn).ok(), Some(1), "found at version 1");
+        assert_eq!(version(&conn).ok(), Some(2));
+        let kept: String = conn.query_row("SELECT id FROM commands", [], |r| r.get(0)).expect("kept");
+        assert_eq!(kept, "c1");
+        conn.execute_batch(
+            "INSERT INTO readings_outbox (meter, source, first_s, last_s, rows, payload, created_ms)
+             VALUES ('M1', 'snapshot', 1, 1, 1, '{}', 1);
+             INSERT INTO readings_progress (meter, source, last_s, updated_ms) VALUES ('M1', 'snapshot', 1, 1);",
+        )
+        .expect("version-2 tables");
+        assert_eq!(migrate(&mut conn).ok(), Some(2), "nothing more to do");
+    }
 }

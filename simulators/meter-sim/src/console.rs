@@ -10,7 +10,7 @@ use crate::config::Faults;
 use crate::{MeterView, Simulator};
 
 /// Help text for the commands.
-pub const HELP: &str = "commands: b <meter>  press the button | f <meter> offline|stuck|refuse|drop [n]|corrupt [n]|delay <ms>|drift <s>|clear | q quit
+pub const HELP: &str = "commands: b <meter>  press the button | f <meter> offline|stuck|refuse|drop [n]|corrupt [n]|delay <ms>|drift <s>|badrows|clear | q quit
   <meter> is a meter id (SIM0000000001), the head-end name (MTR-0001) or the number in the table (1)";
 
 /// A console command.
@@ -43,6 +43,8 @@ pub enum FaultChange {
     Delay(u32),
     /// Set the clock drift.
     Drift(i64),
+    /// Toggle bad load-profile rows.
+    BadRows,
     /// Remove every fault.
     Clear,
 }
@@ -71,6 +73,7 @@ pub fn parse_command(line: &str) -> Result<Command, String> {
                 "drift" => FaultChange::Drift(
                     rest.first().ok_or("drift needs seconds")?.parse().map_err(|_| "not a number".to_owned())?,
                 ),
+                "badrows" => FaultChange::BadRows,
                 "clear" => FaultChange::Clear,
                 other => return Err(format!("unknown fault {other}")),
             };
@@ -92,6 +95,7 @@ pub fn change_faults(mut f: Faults, change: FaultChange) -> Faults {
         FaultChange::Corrupt(n) => f.corrupt_every_nth = toggle(f.corrupt_every_nth, n),
         FaultChange::Delay(ms) => f.response_delay_ms = ms,
         FaultChange::Drift(s) => f.clock_drift_s = s,
+        FaultChange::BadRows => f.bad_profile_rows = !f.bad_profile_rows,
         FaultChange::Clear => f = Faults::default(),
     }
     f
@@ -161,6 +165,9 @@ pub fn describe_faults(f: &Faults) -> String {
     }
     if f.clock_drift_s != 0 {
         parts.push(format!("drift {}s", f.clock_drift_s));
+    }
+    if f.bad_profile_rows {
+        parts.push("badrows".to_owned());
     }
     if parts.is_empty() {
         "-".to_owned()

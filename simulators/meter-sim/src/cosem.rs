@@ -81,7 +81,10 @@ impl MeterStore {
     fn load_profile(&self, meter: &Meter) -> LoadProfile {
         let basis = meter.energy(&self.fleet);
         let meter_now = self.fleet.now_ms().saturating_add(basis.drift_ms);
-        LoadProfile::new(basis, self.fleet.period_s, self.fleet.depth_days, meter_now, self.fleet.utc_offset_min)
+        let mut p =
+            LoadProfile::new(basis, self.fleet.period_s, self.fleet.depth_days, meter_now, self.fleet.utc_offset_min);
+        p.glitches = meter.faults().bad_profile_rows;
+        p
     }
 
     fn event_log(&self, meter: &Meter) -> EventLog {

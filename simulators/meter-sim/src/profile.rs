@@ -89,6 +89,8 @@ pub struct LoadProfile {
     pub last_ms: i64,
     /// UTC offset of the meter's local time.
     pub offset_min: i16,
+    /// The `bad_profile_rows` fault: some rows carry a bad clock or status.
+    pub glitches: bool,
 }
 
 impl LoadProfile {
@@ -100,7 +102,7 @@ impl LoadProfile {
         let local = meter_now_ms + i64::from(offset_min) * 60_000;
         let last_ms = local.div_euclid(period_ms) * period_ms - i64::from(offset_min) * 60_000;
         let entries = u32::try_from(u64::from(depth_days) * 86_400 / u64::from(period_s.max(1))).unwrap_or(u32::MAX);
-        Self { basis, period_s: period_s.max(1), entries, last_ms, offset_min }
+        Self { basis, period_s: period_s.max(1), entries, last_ms, offset_min, glitches: false }
     }
 
     fn period_ms(&self) -> i64 {
@@ -143,11 +145,16 @@ impl Rows for LoadProfile {
     fn cell(&self, i: u32, cell: Cell, w: &mut dyn Writer) -> dlms_cosem_rs::codec::Result<()> {
         let at = self.clock_ms(i);
         let true_ms = at - self.basis.drift_ms;
+        // The fault is a function of the interval, so every read of a row agrees.
+        let glitch = if self.glitches { at.div_euclid(self.period_ms()).rem_euclid(11) } else { -1 };
         match cell {
+            Cell::Clock if glitch == 3 => Data::OctetString(&UNSPECIFIED_CLOCK).encode(w),
+            Cell::Clock if glitch == 9 => write_clock(at - self.period_ms(), self.offset_min, w),
             Cell::Clock => write_clock(at, self.offset_min, w),
             Cell::Status => {
                 let open = self.basis.open_during(true_ms - self.period_ms(), true_ms);
-                Data::Unsigned(if open { 0x80 } else { 0 }).encode(w)
+                let clock_invalid = if glitch == 7 { 0x02 } else { 0 };
+                Data::Unsigned(if open { 0x80 } else { 0 } | clock_invalid).encode(w)
             }
             // The register is 32 bits on the wire and wraps like a real one.
             Cell::Import => Data::DoubleLongUnsigned(self.basis.import_wh(true_ms) as u32).encode(w),
@@ -197,6 +204,9 @@ impl Rows for EventLog {
         }
     }
 }
+
+/// A date-time with every field "not specified" (the `bad_profile_rows` fault).
+const UNSPECIFIED_CLOCK: [u8; 12] = [0xFF, 0xFF, 0xFF, 0xFF, 0xFF, 0xFF, 0xFF, 0xFF, 0xFF, 0x80, 0x00, 0xFF];
 
 /// A date-time as the standard 12-byte octet string.
 pub fn write_clock(ms: i64, offset_min: i16, w: &mut dyn Writer) -> dlms_cosem_rs::codec::Result<()> {
@@ -427,6 +437,28 @@ mod tests {
         let sa = cols.to_selective_access(&mut params).ok();
         let rows = read(&p, sa).unwrap_or_default();
         assert_eq!(rows.iter().map(Vec::len).collect::<Vec<_>>(), vec![1, 1], "only +A");
+    }
+
+    #[test]
+    fn the_bad_rows_fault_spoils_three_rows_in_eleven_the_same_way_every_time() {
+        let mut p = profile();
+        p.glitches = true;
+        let first = p.len() - 22;
+        let mut params = [0u8; 64];
+        let sa = EntryDescriptor::entries(first + 1, 0).to_selective_access(&mut params).ok();
+        let rows = read(&p, sa).unwrap_or_default();
+        assert_eq!(rows.len(), 22);
+        let n = |i: usize| (p.clock_ms(first + i as u32) / 900_000).rem_euclid(11);
+        for (i, r) in rows.iter().enumerate() {
+            let at = p.clock_ms(first + i as u32) / 1000;
+            match n(i) {
+                3 => assert_eq!(r[0], 0, "unspecified clock"),
+                7 => assert_eq!((r[0] as i64, r[1] & 0x02), (at, 0x02), "clock invalid"),
+                9 => assert_eq!(r[0] as i64, at - 900, "the time of the row before"),
+                _ => assert_eq!((r[0] as i64, r[1] & 0x02), (at, 0)),
+            }
+        }
+        assert_eq!(read(&p, EntryDescriptor::entries(first + 1, 0).to_selective_access(&mut params).ok()).ok(), Some(rows));
     }
 
     #[test]
