@@ -613,3 +613,17 @@ fn derived_ids_fit_the_id_rule_even_for_long_inputs() {
     assert_eq!(a, derived_command_id(&p, &meter), "deterministic");
     assert_ne!(a, derived_command_id(&p, &m(&"N".repeat(64))));
 }
+
+#[test]
+fn a_payment_reconnects_a_meter_whose_arrears_cut_may_have_switched_before_failing() {
+    let mut r = Rig::new();
+    r.arrears_cut("d1", "M1");
+    // The ACTION went out, the read-back never came: the relay may be open.
+    let out = r.done("d1", 1, Outcome::Error(MeterError::Timeout(5000)));
+    assert_eq!(published(&out), vec![st("d1", Retrying)]);
+    let out = r.pay("pay-9", "ACC-1", true);
+    let statuses = published(&out);
+    assert!(statuses.contains(&st("d1", Superseded)), "{statuses:?}");
+    assert!(statuses.contains(&st("pay:pay-9:M1", Accepted)), "owed a reconnect: {statuses:?}");
+    assert_eq!(execs(&out), vec![("pay:pay-9:M1".into(), 1, Op::Reconnect)]);
+}

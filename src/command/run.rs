@@ -462,9 +462,14 @@ impl Engine {
         };
         for meter in self.registry.meters_of(&payment.account).to_vec() {
             let slot = self.slots.get(&meter).cloned().unwrap_or_default();
+            // A waiting arrears cut that already made an attempt may have opened the
+            // relay (the ACTION went out, the read-back failed): the meter is owed a
+            // reconnect all the same.
+            let mut attempted_cut = false;
             for cand in [slot.next, slot.current].into_iter().flatten() {
                 let waiting_cut = self.live.get(&cand).is_some_and(|l| l.cmd.request.is_arrears_cut() && !l.busy());
                 if waiting_cut {
+                    attempted_cut |= self.live.get(&cand).is_some_and(|l| l.attempts > 0);
                     let s = self.slot(&meter);
                     if s.next.as_ref() == Some(&cand) {
                         s.next = None;
@@ -481,7 +486,7 @@ impl Engine {
             // A newer reconnect, or a cut for another reason, is a later intent than the
             // arrears cut: it stands.
             let other_intent = newest.is_some_and(|l| !l.cmd.request.is_arrears_cut());
-            if other_intent || !(slot.cut_reason == Some(Reason::Arrears) || running_cut) {
+            if other_intent || !(slot.cut_reason == Some(Reason::Arrears) || running_cut || attempted_cut) {
                 continue;
             }
             let id = derived_command_id(&payment.id, &meter);
