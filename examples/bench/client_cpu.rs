@@ -147,7 +147,7 @@ fn headend_driver(ops: usize, site: &headend::config::SiteConfig) -> anyhow::Res
             let (d, link, expected) = (&mut d, &mut link, expected.clone());
             async move {
                 d.verify_identity(link, &expected).await?;
-                if i % 2 == 0 {
+                if i.is_multiple_of(2) {
                     d.disconnect(link).await
                 } else {
                     d.reconnect(link).await
