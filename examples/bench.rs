@@ -6,6 +6,7 @@
 //! cargo run --release --example bench -- payment-latency --meters 10000 --rate 100
 //! cargo run --release --example bench -- payment-burst --meters 10000
 //! cargo run --release --example bench -- payment-burst --meters 10000 --broker mosquitto
+//! cargo run --release --example bench -- client-cpu     # the driver vs Gurux, per reconnect
 //! ```
 //!
 //! The daemon runs as a process of its own, so that its CPU time is read from
@@ -15,6 +16,8 @@
 //! runs the real binary instead). Scenarios are subcommands; each is a module under
 //! `examples/bench/` that starts a [`rig::Rig`] and reports through [`report`].
 
+#[path = "bench/client_cpu.rs"]
+mod client_cpu;
 #[path = "bench/payment.rs"]
 mod payment;
 #[path = "bench/report.rs"]
@@ -61,6 +64,15 @@ enum Scenario {
         #[arg(long)]
         payments: Option<usize>,
     },
+    /// DLMS client CPU per reconnect operation: the head-end's driver vs Gurux (Python).
+    ClientCpu {
+        /// Operations per authentication kind.
+        #[arg(long, default_value_t = 2000)]
+        ops: usize,
+        /// Where the simulated meter's configuration goes.
+        #[arg(long)]
+        dir: Option<PathBuf>,
+    },
     /// (internal) The daemon process of a run: `headend::daemon::run`, as `headend run`.
     #[command(hide = true)]
     Daemon {
@@ -97,6 +109,9 @@ struct RigArgs {
     /// Run this `headend` binary (`headend run`) as the daemon instead of this executable.
     #[arg(long)]
     daemon_exe: Option<PathBuf>,
+    /// Leave the daemon's interval collection on (default [collection]) during the run.
+    #[arg(long)]
+    with_collection: bool,
     /// Arrears cuts outstanding at once during the setup.
     #[arg(long, default_value_t = 1000)]
     setup_window: usize,
@@ -116,6 +131,7 @@ impl RigArgs {
             dir: self.dir.clone().unwrap_or_else(|| std::env::temp_dir().join("headend-bench")),
             seed: self.seed,
             daemon,
+            collection: self.with_collection,
             progress: true,
         })
     }
@@ -144,6 +160,16 @@ fn main() -> ExitCode {
                 let payments = Some(payments.unwrap_or((rate * 60.0).ceil() as usize));
                 let o = PaymentOptions { pace: Pace::Steady(rate), payments, setup_window: rig.setup_window };
                 payments_scenario(&rig, o).await
+            }
+            Scenario::ClientCpu { ops, dir } => {
+                let machine = report::Machine::read();
+                let dir = dir.unwrap_or_else(|| std::env::temp_dir().join("headend-bench-client-cpu"));
+                let rows = client_cpu::run(ops, &dir).await?;
+                print!("{}", client_cpu::table(&rows));
+                println!("  machine: {}", machine.line());
+                let json = serde_json::json!({"scenario": "client-cpu", "machine": machine, "rows": rows});
+                println!("{json}");
+                Ok(())
             }
             Scenario::PaymentBurst { rig, payments } => {
                 let o = PaymentOptions { pace: Pace::Burst, payments, setup_window: rig.setup_window };

@@ -9,7 +9,6 @@
 //! collection job holds a permit of the collector's semaphore (the bound on associations
 //! collecting at once); control work never waits for one.
 
-use std::collections::HashMap;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -110,25 +109,43 @@ pub fn spawn(
     let (collect, collect_rx) = mpsc::unbounded_channel();
     let (health_tx, health) = watch::channel(LinkHealth::Unknown);
     let name = link.name.clone();
-    let actor = Actor {
-        link,
-        open: None,
-        meters: meters.into_iter().map(|m| (m.id.clone(), m)).collect(),
-        health: health_tx,
-        answers,
-        control: control_rx,
-        shutdown,
-    };
+    let mut meters = meters;
+    meters.sort_by(|a, b| a.id.cmp(&b.id));
+    let actor =
+        Actor { link, open: None, meters: Meters(meters), health: health_tx, answers, control: control_rx, shutdown };
     // Without a lane the receiver is dropped, so `collect` fails at once.
     let collect_rx = lane.map(|l| (l, collect_rx));
     let task = tokio::spawn(actor.run(collect_rx));
     (ChannelHandle { name, control, collect, health }, task)
 }
 
+/// The meters of a link, sorted by id: a fleet's worth of drivers without a second copy
+/// of every id as a map key.
+struct Meters(Vec<ChannelMeter>);
+
+impl Meters {
+    fn index_of(&self, id: &MeterId) -> Option<usize> {
+        self.0.binary_search_by(|m| m.id.cmp(id)).ok()
+    }
+
+    fn get_mut(&mut self, id: &MeterId) -> Option<&mut ChannelMeter> {
+        let i = self.index_of(id)?;
+        self.0.get_mut(i)
+    }
+
+    fn contains_key(&self, id: &MeterId) -> bool {
+        self.0.binary_search_by(|m| m.id.cmp(id)).is_ok()
+    }
+
+    fn values_mut(&mut self) -> std::slice::IterMut<'_, ChannelMeter> {
+        self.0.iter_mut()
+    }
+}
+
 struct Actor {
     link: LinkConfig,
     open: Option<Link>,
-    meters: HashMap<MeterId, ChannelMeter>,
+    meters: Meters,
     health: watch::Sender<LinkHealth>,
     answers: mpsc::UnboundedSender<Input>,
     control: mpsc::UnboundedReceiver<Execution>,
@@ -199,6 +216,7 @@ impl Actor {
             }
         };
         let meter_id = run.meter().clone();
+        let slot = self.meters.index_of(&meter_id);
         let mut link_failed = false;
         while run.has_step() {
             let served = self.serve_waiting_control().await;
@@ -212,7 +230,7 @@ impl Actor {
                 run.fail(e);
                 break;
             }
-            let (Some(link), Some(meter)) = (self.open.as_mut(), self.meters.get_mut(&meter_id)) else {
+            let (Some(link), Some(meter)) = (self.open.as_mut(), slot.and_then(|i| self.meters.0.get_mut(i))) else {
                 run.fail(MeterError::Unsupported(format!("meter {meter_id} is not on link {}", self.link.name)));
                 break;
             };

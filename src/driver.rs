@@ -38,8 +38,9 @@ impl Link {
 pub enum Driver {
     /// DLMS/COSEM.
     Dlms(Box<DlmsMeter>),
-    /// Modbus.
-    Modbus(ModbusMeter),
+    /// Modbus (boxed like DLMS: a channel holds thousands of drivers, and the enum is as
+    /// large as its largest variant).
+    Modbus(Box<ModbusMeter>),
 }
 
 /// The driver could not be built from configuration.
@@ -101,12 +102,12 @@ impl Driver {
                     .modbus_profiles
                     .get(profile_name)
                     .ok_or_else(|| err(format!("no [modbus_profile.{profile_name}]")))?;
-                Ok(Self::Modbus(ModbusMeter {
+                Ok(Self::Modbus(Box::new(ModbusMeter {
                     id: meter.id.clone(),
                     unit: meter.unit_id.ok_or_else(|| err("unit_id is required".into()))?,
                     profile: profile.clone(),
                     utc_offset_minutes: meter.timezone_offset_minutes,
-                }))
+                })))
             }
         }
     }

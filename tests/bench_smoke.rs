@@ -30,6 +30,7 @@ fn options(dir: &TempDir, meters_per_account: usize) -> RigOptions {
         dir: dir.0.clone(),
         seed: 3,
         daemon: DaemonCommand { program: env!("CARGO_BIN_EXE_headend").into(), args: vec!["run".into()] },
+        collection: false,
         progress: false,
     }
 }

@@ -143,28 +143,34 @@ fn headend_driver(ops: usize, site: &headend::config::SiteConfig) -> anyhow::Res
         let mut d = Driver::from_config(site, meter, counters)?;
         let mut link = Link::open(link_cfg).await?;
         let expected = meter.identity.clone().context("identity")?;
-        let mut op = |i: usize| {
-            let (d, link, expected) = (&mut d, &mut link, expected.clone());
-            async move {
-                d.verify_identity(link, &expected).await?;
-                if i.is_multiple_of(2) {
-                    d.disconnect(link).await
-                } else {
-                    d.reconnect(link).await
-                }
-            }
-        };
         // Warm-up: the association (and an HLS counter resynchronisation) happen here.
-        op(0).await?;
-        op(1).await?;
+        reconnect_op(&mut d, &mut link, &expected, 0).await?;
+        reconnect_op(&mut d, &mut link, &expected, 1).await?;
         let (cpu0, t0) = (thread_cpu_ns(), Instant::now());
         for i in 0..ops {
-            op(i).await?;
+            reconnect_op(&mut d, &mut link, &expected, i).await?;
         }
         let (cpu, wall) = (thread_cpu_ns().saturating_sub(cpu0), t0.elapsed().as_secs_f64());
         d.close(&mut link).await;
         Ok((cpu, wall))
     })
+}
+
+/// One operation as the daemon's channel does it: identity, then the switch and its
+/// read-back (disconnect on even `i`, reconnect on odd).
+async fn reconnect_op(
+    d: &mut headend::driver::Driver,
+    link: &mut headend::driver::Link,
+    expected: &str,
+    i: usize,
+) -> anyhow::Result<()> {
+    d.verify_identity(link, expected).await?;
+    if i.is_multiple_of(2) {
+        d.disconnect(link).await?;
+    } else {
+        d.reconnect(link).await?;
+    }
+    Ok(())
 }
 
 const GURUX_LOOP: &str = r#"

@@ -13,7 +13,7 @@
 //! Every figure is taken from messages the daemon publishes, stamped when they arrive at
 //! the listening client; at the end the simulator confirms that every relay is closed.
 
-use std::collections::HashMap;
+use std::collections::{BTreeMap, HashMap};
 use std::time::{Duration, Instant};
 
 use anyhow::bail;
@@ -66,6 +66,9 @@ pub struct PaymentFigures {
     pub failures: usize,
     /// Payments per second as sent (first to last publication).
     pub offered_per_s: f64,
+    /// From the first payment published to the last (a burst: how long the benchmark's
+    /// client took to queue them all).
+    pub published_s: f64,
     /// From the first payment published to the last `succeeded` received.
     pub wall_s: f64,
     /// Reconnects per second over `wall_s`.
@@ -80,6 +83,10 @@ pub struct PaymentFigures {
     pub daemon_cpu_s: f64,
     /// Daemon CPU per reconnect, ms.
     pub daemon_cpu_ms_per_reconnect: f64,
+    /// Daemon CPU per reconnect by thread, ms: `main` runs the engine task (MQTT input,
+    /// engine, publishing), `journal` the SQLite writer, `tokio-rt-worker` the channel
+    /// actors (DLMS) and the MQTT event loop.
+    pub daemon_cpu_ms_by_thread: BTreeMap<String, f64>,
     /// The benchmark process's CPU over the run (simulator, MQTT clients, and the
     /// embedded broker when used), seconds.
     pub bench_cpu_s: f64,
@@ -104,6 +111,8 @@ pub struct Report {
     pub meters_per_account: usize,
     /// Which broker.
     pub broker: String,
+    /// Whether the daemon's interval collection ran beside the payments.
+    pub collection: bool,
     /// The daemon's start-up time (configuration, key files, journal, broker), s.
     pub daemon_startup_s: f64,
     /// The setup's cuts.
@@ -134,6 +143,12 @@ impl Report {
             ),
         );
         t.row("broker", &self.broker);
+        let collection = if self.collection {
+            "ON (the daemon's default [collection]: back-fill, then every 15 min)"
+        } else {
+            "off ([collection] enabled = false)"
+        };
+        t.row("interval collection", collection);
         t.row("daemon", format!("own process, online {:.1} s after start", self.daemon_startup_s));
         t.row(
             "setup: arrears cuts",
@@ -142,7 +157,11 @@ impl Report {
                 s.cuts, s.secs, s.rate_per_s, s.daemon_cpu_ms_per_cut
             ),
         );
-        t.row("payments", format!("{} ({:.0}/s offered)", f.payments, f.offered_per_s));
+        let offered = match self.scenario.as_str() {
+            "payment-burst" => format!("all published within {:.3} s", f.published_s),
+            _ => format!("{:.1}/s offered", f.offered_per_s),
+        };
+        t.row("payments", format!("{} ({offered})", f.payments));
         t.row(
             "reconnects succeeded",
             format!("{} ({} failures; simulator: {} relays closed)", f.reconnects, f.failures, f.relays_closed),
@@ -152,6 +171,8 @@ impl Report {
         t.row("latency p50/p90/p99/max", f.latency.line());
         t.row("  (to accepted)", f.accepted_latency.line());
         t.row("daemon CPU", format!("{:.2} s, {:.3} ms per reconnect", f.daemon_cpu_s, f.daemon_cpu_ms_per_reconnect));
+        let threads: Vec<String> = f.daemon_cpu_ms_by_thread.iter().map(|(n, ms)| format!("{n} {ms:.3}")).collect();
+        t.row("  by thread (ms/reconnect)", threads.join(", "));
         let broker = f.broker_cpu_s.map(|b| format!(", mosquitto {b:.2} s")).unwrap_or_default();
         t.row(
             "other CPU",
@@ -336,6 +357,9 @@ pub async fn pay(rig: &mut Rig, accounts: &[usize], pace: Pace) -> anyhow::Resul
     }
     let cpu1 = rig.cpu();
     let (daemon_cpu, bench_cpu, broker_cpu) = cpu0.used_until(&cpu1);
+    let per = |s: f64| round(s * 1000.0 / succeeded.max(1) as f64, 4);
+    let daemon_cpu_ms_by_thread =
+        cpu0.threads_until(&cpu1).into_iter().filter(|(_, s)| *s > 0.0).map(|(n, s)| (n, per(s))).collect();
     let relays_closed = accounts
         .iter()
         .flat_map(|a| rig.meters.iter().filter(move |m| m.account == *a))
@@ -354,13 +378,15 @@ pub async fn pay(rig: &mut Rig, accounts: &[usize], pace: Pace) -> anyhow::Resul
         reconnects: succeeded,
         failures: failures.len(),
         offered_per_s: round(offered, 1),
+        published_s: round(last_sent.duration_since(first_sent).as_secs_f64(), 3),
         wall_s: round(wall, 3),
         reconnects_per_s: round(succeeded as f64 / wall.max(1e-9), 1),
         all_accepted_s: round(last_accepted.map_or(0.0, |t| t.saturating_duration_since(first_sent).as_secs_f64()), 3),
         latency: Latency::of(&latency),
         accepted_latency: Latency::of(&accepted_latency),
         daemon_cpu_s: round(daemon_cpu, 2),
-        daemon_cpu_ms_per_reconnect: round(daemon_cpu * 1000.0 / succeeded.max(1) as f64, 4),
+        daemon_cpu_ms_per_reconnect: per(daemon_cpu),
+        daemon_cpu_ms_by_thread,
         bench_cpu_s: round(bench_cpu, 2),
         broker_cpu_s: broker_cpu.map(|b| round(b, 2)),
         relays_closed,
@@ -435,6 +461,7 @@ pub async fn run(
         links: rig.links,
         meters_per_account,
         broker: rig.broker_desc.clone(),
+        collection: rig.collection,
         daemon_startup_s: round(rig.daemon_startup.as_secs_f64(), 2),
         setup,
         figures,

@@ -1,6 +1,7 @@
 //! What the benchmark reports: the machine, CPU time of each process from /proc, latency
 //! histograms, the table a person reads and the one JSON line a script reads.
 
+use std::collections::BTreeMap;
 use std::time::Duration;
 
 use hdrhistogram::Histogram;
@@ -70,6 +71,24 @@ pub fn cpu_seconds(pid: u32) -> Option<f64> {
     let utime: f64 = fields.get(11)?.parse().ok()?;
     let stime: f64 = fields.get(12)?.parse().ok()?;
     Some((utime + stime) / USER_HZ)
+}
+
+/// CPU seconds of each thread of a process, summed by thread name (`journal`,
+/// `tokio-rt-worker`, ...); the main thread is `main`. Threads that ended are missing,
+/// so compare snapshots of long-lived threads only.
+pub fn thread_cpu_seconds(pid: u32) -> BTreeMap<String, f64> {
+    let mut out = BTreeMap::new();
+    let Ok(tasks) = std::fs::read_dir(format!("/proc/{pid}/task")) else { return out };
+    for task in tasks.flatten() {
+        let Ok(tid) = task.file_name().to_string_lossy().parse::<u32>() else { continue };
+        let Ok(stat) = std::fs::read_to_string(task.path().join("stat")) else { continue };
+        let (Some(open), Some(close)) = (stat.find('('), stat.rfind(')')) else { continue };
+        let name = if tid == pid { "main".to_owned() } else { stat[open + 1..close].to_owned() };
+        let fields: Vec<&str> = stat[close + 1..].split_whitespace().collect();
+        let ticks = |i: usize| fields.get(i).and_then(|v| v.parse::<f64>().ok()).unwrap_or(0.0);
+        *out.entry(name).or_insert(0.0) += (ticks(11) + ticks(12)) / USER_HZ;
+    }
+    out
 }
 
 /// Peak resident memory (VmHWM) of a process, MiB.

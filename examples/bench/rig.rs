@@ -10,6 +10,7 @@
 //! request at a time, so this is what sets how many meters the daemon can talk to at once
 //! (10 per link: 1,000 links, 1,000 concurrent exchanges at 10,000 meters).
 
+use std::collections::BTreeMap;
 use std::io::{BufRead, BufReader, Read as _};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
@@ -23,7 +24,7 @@ use rumqttc::{AsyncClient, Event, MqttOptions, Packet, QoS};
 use serde::Deserialize;
 use tokio::sync::mpsc;
 
-use crate::report::{cpu_seconds, peak_rss_mib};
+use crate::report::{cpu_seconds, peak_rss_mib, thread_cpu_seconds};
 
 /// Which broker the rig uses.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -79,6 +80,11 @@ pub struct RigOptions {
     pub seed: u64,
     /// The daemon's command.
     pub daemon: DaemonCommand,
+    /// Leave the daemon's interval collection on, with its default `[collection]`
+    /// settings (a fresh journal: every meter's profile is back-filled over the horizon,
+    /// 7 days by default, then read every 15 minutes). Off: `[collection] enabled = false`,
+    /// so that a figure is the payments' alone.
+    pub collection: bool,
     /// Print progress on stderr.
     pub progress: bool,
 }
@@ -212,10 +218,12 @@ impl Publisher {
 }
 
 /// CPU seconds used so far by each process of the rig.
-#[derive(Debug, Clone, Copy)]
+#[derive(Debug, Clone)]
 pub struct CpuSnapshot {
     /// The daemon process.
     pub daemon: f64,
+    /// The daemon's threads by name.
+    pub daemon_threads: BTreeMap<String, f64>,
     /// This process: the simulator, the MQTT clients and, when embedded, the broker.
     pub bench: f64,
     /// A mosquitto the rig started.
@@ -231,6 +239,15 @@ impl CpuSnapshot {
         };
         (later.daemon - self.daemon, later.bench - self.bench, broker)
     }
+
+    /// The daemon's CPU between `self` and `later` by thread name, seconds.
+    pub fn threads_until(&self, later: &CpuSnapshot) -> BTreeMap<String, f64> {
+        later
+            .daemon_threads
+            .iter()
+            .map(|(name, t)| (name.clone(), t - self.daemon_threads.get(name).copied().unwrap_or(0.0)))
+            .collect()
+    }
 }
 
 /// Everything running.
@@ -245,6 +262,8 @@ pub struct Rig {
     pub links: usize,
     /// The broker, described for the report.
     pub broker_desc: String,
+    /// Whether the daemon's interval collection runs.
+    pub collection: bool,
     /// Sends.
     pub publisher: Publisher,
     /// Receives.
@@ -292,8 +311,10 @@ pub fn bench_fleet(n: usize, per_link: usize, seed: u64) -> FleetConfig {
 
 /// Policy for the benchmark: the arrears window open all day every day, and rate
 /// limits and the quarantine far above what a run asks for, so that every arrears cut of
-/// the setup runs at once. (Reconnects are never rate-limited.)
-fn bench_settings(prefix: &str, client_id: &str) -> String {
+/// the setup runs at once. (Reconnects are never rate-limited.) Collection off unless
+/// asked for.
+fn bench_settings(prefix: &str, client_id: &str, collection: bool) -> String {
+    let collection = if collection { "" } else { "\n[collection]\nenabled = false\n" };
     format!(
         "\n[mqtt]\nprefix = \"{prefix}\"\nclient_id = \"{client_id}\"\n\n\
          [policy]\nutc_offset_minutes = 480\nnotice_hours = 72\n\n\
@@ -301,7 +322,7 @@ fn bench_settings(prefix: &str, client_id: &str) -> String {
          start = \"00:00\"\nend = \"24:00\"\nno_cut_before_holiday = false\n\n\
          [policy.rate]\nglobal_per_hour = 36000000\nglobal_burst = 1000000\n\
          channel_per_hour = 36000000\nchannel_burst = 1000000\n\
-         quarantine_threshold = 1000000\nquarantine_window_s = 600\n"
+         quarantine_threshold = 1000000\nquarantine_window_s = 600\n{collection}"
     )
 }
 
@@ -347,7 +368,7 @@ impl Rig {
                 meters.push(BenchMeter { id: id.to_owned(), identity, account });
             }
         }
-        out.push_str(&bench_settings(&prefix, &format!("headend-bench-r{run}")));
+        out.push_str(&bench_settings(&prefix, &format!("headend-bench-r{run}"), o.collection));
         std::fs::write(&config, out)?;
         if meters.len() != o.meters {
             bail!("the written configuration has {} meters, expected {}", meters.len(), o.meters);
@@ -407,6 +428,7 @@ impl Rig {
             accounts,
             links,
             broker_desc,
+            collection: o.collection,
             publisher,
             events,
             daemon_pid: daemon.0.id(),
@@ -434,6 +456,7 @@ impl Rig {
     pub fn cpu(&self) -> CpuSnapshot {
         CpuSnapshot {
             daemon: cpu_seconds(self.daemon_pid).unwrap_or(0.0),
+            daemon_threads: thread_cpu_seconds(self.daemon_pid),
             bench: cpu_seconds(std::process::id()).unwrap_or(0.0),
             broker: self.mosquitto.as_ref().and_then(|c| cpu_seconds(c.0.id())),
         }

@@ -172,6 +172,7 @@ pub fn clean_profile(p: &LoadProfile, cx: &Context<'_>) -> Clean {
     bad.duplicate += (before - kept.len()) as u64;
 
     let period = i64::from(p.capture_period_s);
+    let cumulative: Vec<bool> = columns.iter().map(|c| is_cumulative(&c.name)).collect();
     let mut out = Clean { columns, bad, ..Clean::default() };
     let mut prev_at = cx.after_s;
     let mut prev_values: Option<Vec<Option<f64>>> = cx.after_values.map(<[Option<f64>]>::to_vec);
@@ -192,7 +193,7 @@ pub fn clean_profile(p: &LoadProfile, cx: &Context<'_>) -> Clean {
             flags.push(flag::OFF_BOUNDARY);
         }
         let values =
-            check_values(&row.values, &factors, &out.columns, prev_values.as_deref(), &mut flags, &mut out.bad);
+            check_values(&row.values, &factors, &cumulative, prev_values.as_deref(), &mut flags, &mut out.bad);
         if let (Some(p_at), true) = (prev_at, on_grid) {
             let missing = (at - p_at) / period - 1;
             if p_at.rem_euclid(period) == 0 && missing > 0 {
@@ -221,7 +222,7 @@ pub fn clean_profile(p: &LoadProfile, cx: &Context<'_>) -> Clean {
 fn check_values(
     raw: &[Option<f64>],
     factors: &[f64],
-    columns: &[ReadingColumn],
+    cumulative: &[bool],
     prev: Option<&[Option<f64>]>,
     flags: &mut Vec<&'static str>,
     bad: &mut BadData,
@@ -241,8 +242,7 @@ fn check_values(
             if x < 0.0 {
                 push_once(flags, flag::OUT_OF_RANGE);
             }
-            let cumulative = columns.get(i).is_some_and(|c| is_cumulative(&c.name));
-            if cumulative && prev.and_then(|p| p.get(i).copied().flatten()).is_some_and(|p| x < p) {
+            if cumulative.get(i).copied().unwrap_or(false) && prev.and_then(|p| p.get(i).copied().flatten()).is_some_and(|p| x < p) {
                 push_once(flags, flag::DECREASING);
             }
         }
@@ -277,7 +277,8 @@ pub fn clean_snapshot(
         flags.push(flag::LATE);
     }
     let raw: Vec<Option<f64>> = registers.iter().map(|r| Some(r.value)).collect();
-    let values = check_values(&raw, &factors, &out.columns, cx.after_values, &mut flags, &mut out.bad);
+    let cumulative: Vec<bool> = out.columns.iter().map(|c| is_cumulative(&c.name)).collect();
+    let values = check_values(&raw, &factors, &cumulative, cx.after_values, &mut flags, &mut out.bad);
     if let Some(a) = cx.after_s {
         let missing = (at_s - a) / interval_s.max(1) - 1;
         if missing > 0 {

@@ -23,7 +23,7 @@ use crate::channel::ChannelHandle;
 use crate::contract::{ReadingRow, ReadingsBatch};
 use crate::journal::{Journal, JournalError, NewBatch, Progress, Stored};
 use crate::meter::MeterId;
-use crate::time::{format_rfc3339, Clock};
+use crate::time::{civil_from_days, Clock};
 
 /// The source name of Modbus snapshots (a profile's is its OBIS code).
 pub const SNAPSHOT_SOURCE: &str = "snapshot";
@@ -34,7 +34,7 @@ pub struct Planned {
     /// The meter.
     pub id: MeterId,
     /// Its link (channel).
-    pub link: String,
+    pub link: Arc<str>,
     /// Profile or snapshots.
     pub kind: SourceKind,
     /// The profile, for profile meters.
@@ -77,7 +77,7 @@ pub struct Setup {
     /// `[collection]`.
     pub config: CollectionConfig,
     /// The meters.
-    pub meters: Vec<Planned>,
+    pub meters: Arc<[Planned]>,
     /// The channels by link name.
     pub channels: HashMap<String, ChannelHandle>,
     /// The journal (outbox).
@@ -92,18 +92,28 @@ pub struct Setup {
     pub notes: mpsc::UnboundedSender<CollectNote>,
 }
 
-struct StoreDone {
+/// Finished jobs wait this long (or for this many more) before their rows go to the
+/// journal together: one transaction, one fsync, for a burst of meters instead of one each.
+const STORE_LINGER: Duration = Duration::from_millis(20);
+const STORE_GROUP: usize = 512;
+
+/// What a store is for.
+struct StoreMeta {
     index: u32,
     complete: bool,
     clock: Option<ClockCheck>,
     seen_ms: Option<i64>,
     last_values: Vec<Option<f64>>,
+}
+
+struct StoreDone {
+    meta: StoreMeta,
     result: Result<Stored, JournalError>,
 }
 
 struct Collector {
     cfg: CollectionConfig,
-    meters: Vec<Planned>,
+    meters: Arc<[Planned]>,
     channels: HashMap<String, ChannelHandle>,
     journal: Journal,
     clock: Arc<dyn Clock>,
@@ -112,8 +122,12 @@ struct Collector {
     notes: mpsc::UnboundedSender<CollectNote>,
     sched: Scheduler,
     last_values: Vec<Option<Vec<Option<f64>>>>,
-    by_id: HashMap<MeterId, u32>,
-    stores: JoinSet<StoreDone>,
+    /// Meter indices sorted by id, to find a meter by id without a map of id copies.
+    by_id: Vec<u32>,
+    stores: JoinSet<Vec<StoreDone>>,
+    /// Batches waiting for [`STORE_LINGER`], and since when.
+    lingering: Vec<(StoreMeta, NewBatch)>,
+    linger_since: Option<tokio::time::Instant>,
     running: usize,
     cycle_started_ms: Option<i64>,
     cycle_jobs: u64,
@@ -139,8 +153,8 @@ pub async fn run(
     let now = clock.now_ms();
     let mut sched = Scheduler::new(Timing::from_config(&config));
     let mut last_values = Vec::with_capacity(meters.len());
-    let mut by_id = HashMap::with_capacity(meters.len());
-    for m in &meters {
+
+    for m in meters.iter() {
         let (last_s, values) =
             stored.remove(&(m.id.to_string(), m.source())).map_or((None, None), |p| (Some(p.last_s), p.last_values));
         let idx = sched.add(m.id.as_str(), m.kind, last_s, now);
@@ -148,8 +162,9 @@ pub async fn run(
             metrics.stored_up_to(idx, l);
         }
         last_values.push(values);
-        by_id.insert(m.id.clone(), idx);
     }
+    let mut by_id: Vec<u32> = (0..meters.len() as u32).collect();
+    by_id.sort_by(|a, b| meters[*a as usize].id.cmp(&meters[*b as usize].id));
     tracing::info!(meters = meters.len(), interval_s = config.interval_s, "collection scheduled");
     let mut c = Collector {
         cfg: config,
@@ -164,6 +179,8 @@ pub async fn run(
         last_values,
         by_id,
         stores: JoinSet::new(),
+        lingering: Vec::new(),
+        linger_since: None,
         running: 0,
         cycle_started_ms: None,
         cycle_jobs: 0,
@@ -177,18 +194,27 @@ pub async fn run(
                 None => std::future::pending().await,
             }
         };
+        let linger = c.linger_since.map(|t| t + STORE_LINGER);
         tokio::select! {
             _ = shutdown.cancelled() => break,
             Some(cmd) = commands.recv() => c.command(cmd),
             Some(d) = done.recv() => c.on_done(d),
             Some(s) = c.stores.join_next(), if !c.stores.is_empty() => match s {
-                Ok(s) => c.on_stored(s),
+                Ok(all) => all.into_iter().for_each(|s| c.on_stored(s)),
                 Err(e) => tracing::error!(error = %e, "collection: a store task failed"),
             },
+            _ = async { if let Some(at) = linger { tokio::time::sleep_until(at).await } }, if linger.is_some() => {
+                c.flush_stores();
+            }
             _ = timer => {}
         }
+        if c.lingering.len() >= STORE_GROUP {
+            c.flush_stores();
+        }
     }
-    // Stores already queued complete on the journal's thread; their rows are durable.
+    // What was read is stored before the task ends; queued stores complete on the
+    // journal's thread, so their rows are durable.
+    c.flush_stores();
     while c.stores.join_next().await.is_some() {}
 }
 
@@ -200,7 +226,8 @@ impl Collector {
             None => (0..self.meters.len() as u32).for_each(|i| self.sched.trigger(i, now)),
             Some(ids) => {
                 for id in ids {
-                    match self.by_id.get(&id) {
+                    let found = self.by_id.binary_search_by(|i| self.meters[*i as usize].id.cmp(&id));
+                    match found.ok().and_then(|k| self.by_id.get(k)) {
                         Some(i) => self.sched.trigger(*i, now),
                         None => tracing::warn!(meter = %id, "collect now: no such meter"),
                     }
@@ -227,7 +254,7 @@ impl Collector {
                 rows_per_request: self.cfg.rows_per_request,
                 interval_s: self.cfg.interval_s,
             };
-            let sent = self.channels.get(&m.link).map(|c| c.collect(cj));
+            let sent = self.channels.get(&*m.link).map(|c| c.collect(cj));
             if matches!(sent, Some(Ok(()))) {
                 self.running += 1;
                 self.cycle_jobs += 1;
@@ -299,7 +326,7 @@ impl Collector {
                 rows: clean
                     .rows
                     .iter()
-                    .map(|(at, v)| ReadingRow { at: format_rfc3339(*at, m.offset_min), values: v.clone() })
+                    .map(|(at, v)| ReadingRow { at: row_time(*at, m.offset_min), values: v.clone() })
                     .collect(),
                 batch: None,
                 flags: clean.flags,
@@ -309,17 +336,34 @@ impl Collector {
             last_values: last_values.clone(),
             created_ms: now,
         };
-        let pending = self.journal.store_readings(batch);
-        let clock = d.clock;
+        let meta = StoreMeta { index: idx, complete, clock: d.clock, seen_ms, last_values };
+        self.lingering.push((meta, batch));
+        self.linger_since.get_or_insert_with(tokio::time::Instant::now);
+    }
+
+    /// Store what is lingering, in one journal job.
+    fn flush_stores(&mut self) {
+        self.linger_since = None;
+        if self.lingering.is_empty() {
+            return;
+        }
+        let (metas, batches): (Vec<StoreMeta>, Vec<NewBatch>) = std::mem::take(&mut self.lingering).into_iter().unzip();
+        let pending = self.journal.store_readings_many(batches);
         self.stores.spawn(async move {
-            StoreDone { index: idx, complete, clock, seen_ms, last_values, result: pending.await }
+            match pending.await {
+                Ok(results) => {
+                    metas.into_iter().zip(results).map(|(meta, result)| StoreDone { meta, result }).collect()
+                }
+                Err(e) => metas.into_iter().map(|meta| StoreDone { meta, result: Err(e.clone()) }).collect(),
+            }
         });
     }
 
-    fn on_stored(&mut self, s: StoreDone) {
+    fn on_stored(&mut self, done: StoreDone) {
         let now = self.clock.now_ms();
+        let StoreDone { meta: s, result } = done;
         let Some(m) = self.meters.get(s.index as usize).cloned() else { return };
-        let stored_last_s = match s.result {
+        let stored_last_s = match result {
             Ok(st) => {
                 if st.refused > 0 {
                     tracing::warn!(meter = %m.id, rows = st.refused, "collection: rows already stored were refused");
@@ -362,12 +406,12 @@ impl Collector {
         }
         self.sched.finish(idx, f, now);
         self.running = self.running.saturating_sub(1);
-        // A cycle is over when nothing runs and the next slot is well into the next
-        // interval (between the slots of one cycle the pauses are short).
+        // A cycle is over when nothing runs and the next slot is a while away (between the
+        // slots of one cycle of a fleet the pauses are short).
         let t = self.sched.timing();
-        let quiet = (t.interval_ms - t.spread_ms - t.settle_ms) / 2;
+        let quiet = ((t.interval_ms - t.spread_ms - t.settle_ms) / 2).min(60_000);
         let idle_until = self.sched.next_wakeup().map_or(i64::MAX, |w| w - now);
-        if self.running == 0 && self.stores.is_empty() && idle_until >= quiet {
+        if self.running == 0 && self.stores.is_empty() && self.lingering.is_empty() && idle_until >= quiet {
             self.cycle_done(now);
         }
     }
@@ -375,6 +419,8 @@ impl Collector {
     /// Every job dispatched has ended: one line that says how the cycle went.
     fn cycle_done(&mut self, now: i64) {
         let Some(started) = self.cycle_started_ms.take() else { return };
+        // A cycle's buffers (answers, batches) are freed now; keep the footprint honest.
+        let heap = crate::daemon::release_freed_memory();
         let m = &self.metrics;
         let (max_lag, never) = m.lag_summary(now.div_euclid(1000));
         tracing::info!(
@@ -385,6 +431,7 @@ impl Collector {
             outbox_depth = m.outbox_depth.load(Ordering::Relaxed),
             max_lag_s = max_lag,
             meters_without_readings = never,
+            heap_in_use_kib = heap.map(|b| b / 1024),
             "collection cycle done"
         );
     }
@@ -426,5 +473,55 @@ impl Collector {
             bad_value = b.bad_value,
             "collection: rows dropped or flagged"
         );
+    }
+}
+
+/// RFC 3339 at an offset, as [`crate::time::format_rfc3339`] writes it, without the
+/// formatting machinery: a day's profile is 96 of these per meter.
+fn row_time(unix: i64, offset_min: i16) -> String {
+    let local = unix + i64::from(offset_min) * 60;
+    let (y, mo, d) = civil_from_days(local.div_euclid(86_400));
+    let tod = local.rem_euclid(86_400);
+    let mut out = String::with_capacity(25);
+    let two = |out: &mut String, v: i64| {
+        out.push(char::from(b'0' + (v / 10 % 10) as u8));
+        out.push(char::from(b'0' + (v % 10) as u8));
+    };
+    if !(0..=9999).contains(&y) {
+        return crate::time::format_rfc3339(unix, offset_min);
+    }
+    two(&mut out, y / 100);
+    two(&mut out, y % 100);
+    out.push('-');
+    two(&mut out, mo);
+    out.push('-');
+    two(&mut out, d);
+    out.push('T');
+    two(&mut out, tod / 3600);
+    out.push(':');
+    two(&mut out, tod % 3600 / 60);
+    out.push(':');
+    two(&mut out, tod % 60);
+    if offset_min == 0 {
+        out.push('Z');
+    } else {
+        out.push(if offset_min < 0 { '-' } else { '+' });
+        let a = i64::from(offset_min.unsigned_abs());
+        two(&mut out, a / 60);
+        out.push(':');
+        two(&mut out, a % 60);
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn row_times_are_the_contracts_rfc3339() {
+        for t in [0i64, 1_795_827_600, 951_782_400, 1_795_827_599, 4_102_444_799] {
+            for off in [0i16, 480, -300, 345, -720] {
+                assert_eq!(super::row_time(t, off), crate::time::format_rfc3339(t, off), "{t} {off}");
+            }
+        }
     }
 }

@@ -4,9 +4,10 @@
 
 use std::collections::BTreeMap;
 use std::sync::atomic::{AtomicI64, AtomicU64, Ordering};
-use std::sync::Mutex;
+use std::sync::{Arc, Mutex};
 
 use super::clean::BadData;
+use super::collector::Planned;
 use crate::meter::{MeterError, MeterId};
 
 /// Why a collection job failed.
@@ -80,7 +81,7 @@ pub struct Metrics {
     pub clocks_set: AtomicU64,
     failures: [AtomicU64; 6],
     bad: Mutex<BadData>,
-    meters: Vec<(MeterId, String)>,
+    meters: Arc<[Planned]>,
     last_s: Vec<AtomicI64>,
 }
 
@@ -116,8 +117,8 @@ pub struct Snapshot {
 const NONE: i64 = i64::MIN;
 
 impl Metrics {
-    /// Counters for these meters (id, link), in the collector's order.
-    pub fn new(meters: Vec<(MeterId, String)>) -> Self {
+    /// Counters for these meters, in the collector's order.
+    pub fn new(meters: Arc<[Planned]>) -> Self {
         let last_s = meters.iter().map(|_| AtomicI64::new(NONE)).collect();
         Self {
             rows_collected: AtomicU64::new(0),
@@ -179,15 +180,15 @@ impl Metrics {
         let get = |a: &AtomicU64| a.load(Ordering::Relaxed);
         let mut lag_s = Vec::with_capacity(self.meters.len());
         let mut channel_lag_s: BTreeMap<String, (i64, usize)> = BTreeMap::new();
-        for ((id, link), last) in self.meters.iter().zip(&self.last_s) {
+        for (m, last) in self.meters.iter().zip(&self.last_s) {
             let last = last.load(Ordering::Relaxed);
             let lag = (last != NONE).then(|| now_s - last);
-            let entry = channel_lag_s.entry(link.clone()).or_insert((0, 0));
+            let entry = channel_lag_s.entry(m.link.to_string()).or_insert((0, 0));
             match lag {
                 Some(l) => entry.0 = entry.0.max(l),
                 None => entry.1 += 1,
             }
-            lag_s.push((id.clone(), lag));
+            lag_s.push((m.id.clone(), lag));
         }
         Snapshot {
             rows_collected: get(&self.rows_collected),

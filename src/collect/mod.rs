@@ -42,14 +42,17 @@ use schedule::SourceKind;
 /// The meters of a site as the collector sees them.
 pub fn plan(site: &SiteConfig) -> Vec<Planned> {
     let default_profile = parse_obis(&site.collection.profile).or_else(|| parse_obis(DEFAULT_PROFILE));
+    // One shared name per link rather than a copy per meter.
+    let links: HashMap<&str, (Arc<str>, bool)> =
+        site.links.iter().map(|l| (l.name.as_str(), (Arc::from(l.name.as_str()), l.protocol.is_dlms()))).collect();
     site.meters
         .iter()
         .filter_map(|m| {
-            let dlms = site.link(&m.link)?.protocol.is_dlms();
+            let (link, dlms) = links.get(m.link.as_str())?.clone();
             let profile = m.profile.as_deref().and_then(parse_obis).or(default_profile)?;
             Some(Planned {
                 id: m.id.clone(),
-                link: m.link.clone(),
+                link,
                 kind: if dlms { SourceKind::Profile } else { SourceKind::Snapshot },
                 profile,
                 offset_min: m.timezone_offset_minutes.unwrap_or(site.policy.utc_offset_minutes),
@@ -117,8 +120,8 @@ pub struct StartArgs<'a> {
 /// Start the collector and the outbox publisher.
 pub fn start(args: StartArgs<'_>, lanes: Lanes, shutdown: CancellationToken) -> Collection {
     let StartArgs { site, channels, journal, clock, mqtt, topics } = args;
-    let meters = plan(site);
-    let metrics = Arc::new(Metrics::new(meters.iter().map(|m| (m.id.clone(), m.link.clone())).collect()));
+    let meters: Arc<[Planned]> = plan(site).into();
+    let metrics = Arc::new(Metrics::new(Arc::clone(&meters)));
     let wake = Arc::new(Notify::new());
     let (commands, commands_rx) = mpsc::unbounded_channel();
     let (notes_tx, notes) = mpsc::unbounded_channel();

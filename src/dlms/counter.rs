@@ -57,6 +57,34 @@ impl CounterStore {
     }
 }
 
+/// An exclusive hold on one meter's counter: while a ciphered session lives, no other
+/// process may spend values from the same reservation. Released when dropped.
+#[derive(Debug)]
+pub struct CounterLock(#[allow(dead_code)] std::fs::File);
+
+impl CounterStore {
+    /// Take the meter's counter for this process, or fail at once if another holds it.
+    pub fn lock(&self, meter: &MeterId) -> Result<CounterLock, MeterError> {
+        let path = self.dir.join(format!("{}.lock", meter.as_str()));
+        let err = |e: String| MeterError::Storage(format!("{}: {e}", path.display()));
+        std::fs::create_dir_all(&self.dir).map_err(|e| err(e.to_string()))?;
+        let file = std::fs::OpenOptions::new()
+            .create(true)
+            .truncate(false)
+            .write(true)
+            .open(&path)
+            .map_err(|e| err(e.to_string()))?;
+        match file.try_lock() {
+            Ok(()) => Ok(CounterLock(file)),
+            Err(std::fs::TryLockError::WouldBlock) => Err(MeterError::Storage(format!(
+                "the invocation counter of {meter} is in use by another process (a running daemon?): \
+                 two users of one key would repeat nonces"
+            ))),
+            Err(std::fs::TryLockError::Error(e)) => Err(err(e.to_string())),
+        }
+    }
+}
+
 /// Write a file so that a crash leaves either the old or the new content.
 fn write_atomically(dir: &Path, path: &Path, content: &[u8]) -> std::io::Result<()> {
     std::fs::create_dir_all(dir)?;
@@ -130,6 +158,18 @@ mod tests {
         store.reserve(&meter, 5000).expect("reserves");
         store.reserve(&meter, 1002).expect("a lower reservation is a no-op");
         assert_eq!(store.load(&meter).expect("reads"), 5000);
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+
+    #[test]
+    fn one_process_at_a_time_holds_a_counter() {
+        let dir = std::env::temp_dir().join(format!("headend-ic-lock-{}", std::process::id()));
+        let meter = MeterId::new("M4").expect("valid");
+        let store = CounterStore::new(&dir);
+        let held = store.lock(&meter).expect("first holder");
+        assert!(matches!(store.lock(&meter), Err(MeterError::Storage(_))), "a second holder is refused");
+        drop(held);
+        assert!(store.lock(&meter).is_ok(), "free again once released");
         let _ = std::fs::remove_dir_all(&dir);
     }
 

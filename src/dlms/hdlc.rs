@@ -18,6 +18,9 @@ use crate::meter::MeterError;
 /// The largest APDU reassembled from segments. A meter's negotiated PDU size bounds what
 /// it sends in one APDU; 64 KiB covers every PDU size the standard allows.
 const MAX_LSDU: usize = 65_535 + 3;
+/// The reassembly buffer is at least this large even for a small PDU size (a meter that
+/// overshoots the size it was given a little is still understood).
+const MIN_LSDU: usize = 8 * 1024;
 
 /// One client-to-server HDLC link on a port (a port may carry several, one per meter on
 /// a multi-drop bus; they take turns).
@@ -30,6 +33,8 @@ pub struct HdlcLink {
     timeout_ms: u64,
     framer: Framer,
     lsdu: Vec<u8>,
+    /// The size of `lsdu` while the link is in use.
+    max_lsdu: usize,
     /// Frames thrown away because another station sent them (shared bus), counted.
     pub foreign_frames: u64,
 }
@@ -52,9 +57,20 @@ impl HdlcLink {
             options,
             timeout_ms,
             framer: Framer::new(),
-            lsdu: vec![0u8; MAX_LSDU],
+            // Allocated on first use and freed when the link closes: a fleet of idle
+            // drivers must not hold 64 KiB each.
+            lsdu: Vec::new(),
+            max_lsdu: MAX_LSDU,
             foreign_frames: 0,
         }
+    }
+
+    /// Size reassembly for the largest PDU the client accepts (its max-receive-pdu-size
+    /// bounds what the meter sends): a 64 KiB buffer per meter in use is costly in a
+    /// fleet, and allocating and freeing one per association more so.
+    pub fn with_max_pdu(mut self, max_pdu: u16) -> Self {
+        self.max_lsdu = (usize::from(max_pdu) + 3).clamp(MIN_LSDU, MAX_LSDU);
+        self
     }
 
     /// True when SNRM/UA has opened the link.
@@ -107,6 +123,7 @@ impl HdlcLink {
 
     /// Close the link (DISC). Best effort: a meter that does not answer is closed anyway.
     pub async fn disconnect(&mut self, port: &mut Port) {
+        self.lsdu = Vec::new();
         if !self.conn.is_connected() {
             return;
         }
@@ -122,6 +139,7 @@ impl HdlcLink {
     /// Forget the link state without telling the meter (after a transport failure).
     pub fn reset(&mut self) {
         self.conn.reset();
+        self.lsdu = Vec::new();
     }
 
     /// Send an LSDU in segments, at most `window` frames before waiting for the meter's
@@ -167,6 +185,9 @@ impl HdlcLink {
     /// Receive one LSDU, polling for further segments when the meter hands over the line.
     async fn receive_lsdu(&mut self, port: &mut Port) -> Result<Vec<u8>, MeterError> {
         let mut storage = std::mem::take(&mut self.lsdu);
+        if storage.len() < self.max_lsdu {
+            storage = vec![0u8; self.max_lsdu];
+        }
         let result = self.receive_into(port, &mut storage).await;
         self.lsdu = storage;
         result

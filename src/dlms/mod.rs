@@ -94,6 +94,8 @@ pub struct DlmsMeter {
     session: Option<Box<Session>>,
     /// The port the session was opened on ([`Port::id`]).
     session_port: Option<u64>,
+    /// Held while a ciphered session may spend counter values.
+    counter_lock: Option<counter::CounterLock>,
     counters: CounterStore,
     reservation: Reservation,
     scalers: Vec<(Obis, i8, String)>,
@@ -116,13 +118,16 @@ impl DlmsMeter {
     /// A driver; nothing is sent until the first request.
     pub fn new(settings: DlmsSettings, counters: CounterStore) -> Self {
         let transport = match settings.physical_address {
-            Some(physical) => Transport::Hdlc(Box::new(HdlcLink::new(
-                settings.client_sap,
-                settings.logical_device,
-                physical,
-                settings.hdlc,
-                settings.timeout_ms,
-            ))),
+            Some(physical) => Transport::Hdlc(Box::new(
+                HdlcLink::new(
+                    settings.client_sap,
+                    settings.logical_device,
+                    physical,
+                    settings.hdlc,
+                    settings.timeout_ms,
+                )
+                .with_max_pdu(settings.max_pdu_size),
+            )),
             None => Transport::Wrapper(WrapperLink::new(
                 u16::from(settings.client_sap),
                 settings.logical_device,
@@ -134,6 +139,7 @@ impl DlmsMeter {
             transport,
             session: None,
             session_port: None,
+            counter_lock: None,
             counters,
             reservation: Reservation::default(),
             scalers: Vec::new(),
@@ -350,6 +356,8 @@ impl DlmsMeter {
         if let Transport::Hdlc(h) = &mut self.transport {
             h.disconnect(port).await;
         }
+        // No session spends counter values any more: another user may take the counter.
+        self.counter_lock = None;
     }
 
     /// Forget the association and link state (after the port was reopened).
@@ -402,7 +410,8 @@ impl DlmsMeter {
     }
 
     async fn call_once(&mut self, port: &mut Port, call: &Call) -> Result<Answer, MeterError> {
-        let mut req = vec![0u8; 2048];
+        // In the future's state, not on the heap: this runs for every request.
+        let mut req = [0u8; 2048];
         let n = {
             let session = self.session.as_deref_mut().ok_or_else(|| MeterError::Protocol("not associated".into()))?;
             match call {
@@ -431,7 +440,8 @@ impl DlmsMeter {
             }
             .map_err(|e| MeterError::Protocol(format!("building the request: {e}")))?
         };
-        let what = call.describe();
+        // Formatted only when an error message needs it: this runs for every request.
+        let what = Describe(call);
         let mut answer = self.exchange(port, req.get(..n).unwrap_or(&[])).await?;
         let mut collected: Vec<u8> = Vec::new();
         let mut expected_block = 1u32;
@@ -545,6 +555,9 @@ impl DlmsMeter {
                 config.system_title = Some(SystemTitle::new(title));
                 config.security = SecurityPolicy::authenticated_encrypted(SecuritySuite::Suite0);
                 ring = KeyRing::new(guek, gak);
+                if self.counter_lock.is_none() {
+                    self.counter_lock = Some(self.counters.lock(&s.meter)?);
+                }
                 let start = self.counters.load(&s.meter)?;
                 config.invocation_counter = start;
                 self.reservation = Reservation { reserved: start };
@@ -647,6 +660,15 @@ enum Call {
     Get { class: u16, obis: Obis, attr: i8, access: Option<(u8, Vec<u8>)> },
     Set { class: u16, obis: Obis, attr: i8, value: Vec<u8> },
     Action { class: u16, obis: Obis, method: i8 },
+}
+
+/// A [`Call`] as text, formatted on demand.
+struct Describe<'a>(&'a Call);
+
+impl std::fmt::Display for Describe<'_> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&self.0.describe())
+    }
 }
 
 impl Call {

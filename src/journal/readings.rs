@@ -69,6 +69,26 @@ impl Journal {
         self.submit(true, move |c| store(c, batch))
     }
 
+    /// Store several batches in one job (one transaction), each all or nothing.
+    pub fn store_readings_many(&self, batches: Vec<NewBatch>) -> Pending<Vec<Result<Stored, JournalError>>> {
+        self.submit(true, move |c| {
+            let mut out = Vec::with_capacity(batches.len());
+            for b in batches {
+                let st = |sql: &str| c.prepare_cached(sql).and_then(|mut s| s.execute([])).map(|_| ());
+                st("SAVEPOINT batch")?;
+                let r = store(c, b);
+                if r.is_ok() {
+                    st("RELEASE batch")?;
+                } else {
+                    st("ROLLBACK TO batch")?;
+                    st("RELEASE batch")?;
+                }
+                out.push(r);
+            }
+            Ok(out)
+        })
+    }
+
     /// The newest stored capture time of every meter and source.
     pub fn readings_progress(&self) -> Pending<Vec<Progress>> {
         self.submit(false, progress)

@@ -419,6 +419,11 @@ pub(crate) async fn run<S: AsyncRead + AsyncWrite + Unpin>(
             Ok(0) | Err(_) => return,
             Ok(n) => n,
         };
+        if let Some(l) = &line {
+            // The request crosses the bus too, before the meter can hear it.
+            let _guard = l.busy.lock().await;
+            tokio::time::sleep(std::time::Duration::from_micros(n as u64 * 10_000_000 / u64::from(l.baud))).await;
+        }
         bus.push(chunk.get(..n).unwrap_or(&[]));
         loop {
             // On an emulated bus the whole exchange holds the line, across connections.

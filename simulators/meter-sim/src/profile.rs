@@ -458,7 +458,10 @@ mod tests {
                 _ => assert_eq!((r[0] as i64, r[1] & 0x02), (at, 0)),
             }
         }
-        assert_eq!(read(&p, EntryDescriptor::entries(first + 1, 0).to_selective_access(&mut params).ok()).ok(), Some(rows));
+        assert_eq!(
+            read(&p, EntryDescriptor::entries(first + 1, 0).to_selective_access(&mut params).ok()).ok(),
+            Some(rows)
+        );
     }
 
     #[test]
