@@ -192,8 +192,7 @@ pub fn clean_profile(p: &LoadProfile, cx: &Context<'_>) -> Clean {
         if period > 0 && !on_grid {
             flags.push(flag::OFF_BOUNDARY);
         }
-        let values =
-            check_values(&row.values, &factors, &cumulative, prev_values.as_deref(), &mut flags, &mut out.bad);
+        let values = check_values(&row.values, &factors, &cumulative, prev_values.as_deref(), &mut flags, &mut out.bad);
         if let (Some(p_at), true) = (prev_at, on_grid) {
             let missing = (at - p_at) / period - 1;
             if p_at.rem_euclid(period) == 0 && missing > 0 {
@@ -242,7 +241,9 @@ fn check_values(
             if x < 0.0 {
                 push_once(flags, flag::OUT_OF_RANGE);
             }
-            if cumulative.get(i).copied().unwrap_or(false) && prev.and_then(|p| p.get(i).copied().flatten()).is_some_and(|p| x < p) {
+            if cumulative.get(i).copied().unwrap_or(false)
+                && prev.and_then(|p| p.get(i).copied().flatten()).is_some_and(|p| x < p)
+            {
                 push_once(flags, flag::DECREASING);
             }
         }
