@@ -109,7 +109,8 @@ struct RigArgs {
     /// Run this `headend` binary (`headend run`) as the daemon instead of this executable.
     #[arg(long)]
     daemon_exe: Option<PathBuf>,
-    /// Leave the daemon's interval collection on (default [collection]) during the run.
+    /// Collection beside the payments: the daemon's default [collection], and every meter
+    /// asked to collect now (`{p}/admin/collect`) as the payments start.
     #[arg(long)]
     with_collection: bool,
     /// Arrears cuts outstanding at once during the setup.
@@ -189,7 +190,11 @@ fn main() -> ExitCode {
 async fn payments_scenario(args: &RigArgs, o: PaymentOptions) -> anyhow::Result<()> {
     let machine = report::Machine::read();
     let mut rig = Rig::start(&args.options()?).await?;
-    let result = payment::run(&mut rig, o, args.meters_per_account, machine).await;
+    // Ctrl-C or SIGTERM still stops the daemon and the broker this run started.
+    let result = tokio::select! {
+        r = payment::run(&mut rig, o, args.meters_per_account, machine) => r,
+        _ = interrupted() => Err(anyhow::anyhow!("interrupted")),
+    };
     rig.stop().await;
     let report = result?;
     print!("{}", report.table());
@@ -200,6 +205,22 @@ async fn payments_scenario(args: &RigArgs, o: PaymentOptions) -> anyhow::Result<
     Ok(())
 }
 
+/// SIGINT or SIGTERM.
+async fn interrupted() {
+    #[cfg(unix)]
+    {
+        use tokio::signal::unix::{signal, SignalKind};
+        if let Ok(mut term) = signal(SignalKind::terminate()) {
+            tokio::select! {
+                _ = term.recv() => {}
+                _ = tokio::signal::ctrl_c() => {}
+            }
+            return;
+        }
+    }
+    let _ = tokio::signal::ctrl_c().await;
+}
+
 /// The daemon process: what `headend run --config FILE --broker URL` does, until SIGTERM
 /// or SIGINT (the rig ends it with SIGKILL).
 async fn daemon(config: PathBuf, broker: Option<String>) -> anyhow::Result<()> {
@@ -207,18 +228,7 @@ async fn daemon(config: PathBuf, broker: Option<String>) -> anyhow::Result<()> {
     let shutdown = CancellationToken::new();
     let stop = shutdown.clone();
     tokio::spawn(async move {
-        #[cfg(unix)]
-        {
-            use tokio::signal::unix::{signal, SignalKind};
-            if let Ok(mut term) = signal(SignalKind::terminate()) {
-                tokio::select! {
-                    _ = term.recv() => {}
-                    _ = tokio::signal::ctrl_c() => {}
-                }
-            }
-        }
-        #[cfg(not(unix))]
-        let _ = tokio::signal::ctrl_c().await;
+        interrupted().await;
         stop.cancel();
     });
     let clock = Arc::new(headend::time::SystemClock);

@@ -18,7 +18,7 @@ use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 
 use crate::channel::{self, ChannelHandle, ChannelMeter, LinkHealth};
-use crate::collect::{self, CollectCommand, CollectNote, Lanes, StartArgs};
+use crate::collect::{self, CollectCommand, Lanes, StartArgs};
 use crate::command::{answer_repeat, Command, Engine, Input, Outcome, Output, Record};
 use crate::config::SiteConfig;
 use crate::contract::{
@@ -32,6 +32,11 @@ use crate::meter::MeterId;
 use crate::mqtt::{self, BrokerUrl};
 use crate::policy::Registry;
 use crate::time::Clock;
+
+mod collection;
+
+use collection::limit_allocator_arenas;
+pub(crate) use collection::release_freed_memory;
 
 /// Why the daemon stopped or could not start.
 #[derive(Debug, thiserror::Error)]
@@ -94,6 +99,7 @@ struct Seen {
 
 /// Run until `shutdown` is cancelled.
 pub async fn run(site: SiteConfig, opts: DaemonOptions, shutdown: CancellationToken) -> Result<(), DaemonError> {
+    limit_allocator_arenas();
     let setup = |e: String| DaemonError::Setup(e);
     let topics = Topics::new(&site.mqtt.prefix).map_err(|e| setup(format!("[mqtt] prefix: {e:?}")))?;
     std::fs::create_dir_all(site.state_dir()).map_err(|e| setup(format!("{}: {e}", site.state_dir().display())))?;
@@ -289,22 +295,6 @@ pub async fn run(site: SiteConfig, opts: DaemonOptions, shutdown: CancellationTo
     let _ = d.client.disconnect().await;
     let _ = tokio::time::timeout(Duration::from_secs(2), poller).await;
     result
-}
-
-/// Give memory freed since start-up back to the system. Parsing a large site file
-/// allocates several KiB per meter for a moment; glibc keeps freed memory in its heap, so
-/// without this a daemon for 100,000 meters would sit on hundreds of MB it no longer uses.
-/// Returns the bytes the allocator has handed out and not got back, where it can say.
-pub(crate) fn release_freed_memory() -> Option<u64> {
-    #[cfg(all(target_os = "linux", target_env = "gnu"))]
-    // SAFETY: malloc_trim and mallinfo2 only walk the allocator's own lists; they have no
-    // preconditions and are safe to call from any thread at any time.
-    unsafe {
-        libc::malloc_trim(0);
-        Some(libc::mallinfo2().uordblks as u64)
-    }
-    #[cfg(not(all(target_os = "linux", target_env = "gnu")))]
-    None
 }
 
 fn json<T: Serialize>(v: &T) -> String {
@@ -546,41 +536,6 @@ impl Daemon {
         tracing::warn!(by = %lift.by, why = %lift.why, "quarantine lifted by an operator");
         let out = self.engine.handle(Input::LiftQuarantine { by: lift.by, why: lift.why }, self.now());
         self.apply(out).await.map(|_| ())
-    }
-
-    /// `{p}/admin/collect` (an extension): `{}` collects every meter now, up to the
-    /// latest boundary; `{"meters": ["MTR-0001", ...]}` only those.
-    fn collect_topic(&self) -> String {
-        format!("{}/admin/collect", self.topics.prefix())
-    }
-
-    fn on_collect_now(&self, p: &Publish) {
-        #[derive(serde::Deserialize)]
-        struct Now {
-            #[serde(default)]
-            meters: Option<Vec<MeterId>>,
-        }
-        let Some(tx) = &self.collect else { return };
-        match serde_json::from_slice::<Now>(&p.payload) {
-            Ok(now) => {
-                tracing::info!(meters = ?now.meters.as_ref().map(Vec::len), "collect now, asked over MQTT");
-                let _ = tx.send(CollectCommand::Now(now.meters));
-            }
-            Err(e) => tracing::warn!(error = %e, "collect now refused: expected {{}} or {{\"meters\": [ids]}}"),
-        }
-    }
-
-    /// The collector learnt something of a meter: remember it, and republish the meter's
-    /// state when its newest reading or its clock drift changed.
-    async fn on_collect_note(&mut self, note: CollectNote) {
-        let entry = self.seen.entry(note.meter.clone()).or_default();
-        let before = (entry.reading_s, entry.drift_s);
-        entry.last_ms = note.seen_ms.or(entry.last_ms);
-        entry.reading_s = note.last_reading_s.or(entry.reading_s);
-        entry.drift_s = note.drift_s.or(entry.drift_s);
-        if (entry.reading_s, entry.drift_s) != before {
-            self.publish_state(&note.meter).await;
-        }
     }
 
     async fn record(&self, records: Vec<Record>) -> Result<(), DaemonError> {

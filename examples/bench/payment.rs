@@ -144,7 +144,7 @@ impl Report {
         );
         t.row("broker", &self.broker);
         let collection = if self.collection {
-            "ON (the daemon's default [collection]: back-fill, then every 15 min)"
+            "ON: {p}/admin/collect asked for every meter as the payments start (default [collection])"
         } else {
             "off ([collection] enabled = false)"
         };
@@ -417,6 +417,12 @@ pub async fn run(
     }
     let accounts: Vec<usize> = (0..n).collect();
     let setup = cut_for_arrears(rig, &accounts, o.setup_window).await?;
+    if rig.collection {
+        // Collection runs beside the payments: every meter now (`{p}/admin/collect`), on a
+        // fresh journal a back-fill over the whole horizon.
+        rig.note("asking the daemon to collect every meter now");
+        rig.publisher.publish("admin/collect", "{}".into()).await?;
+    }
     let figures = pay(rig, &accounts, o.pace).await?;
     let full_size = rig.meters.len() >= TARGET_METERS;
     let cpu_target = Target {

@@ -81,9 +81,9 @@ pub struct RigOptions {
     /// The daemon's command.
     pub daemon: DaemonCommand,
     /// Leave the daemon's interval collection on, with its default `[collection]`
-    /// settings (a fresh journal: every meter's profile is back-filled over the horizon,
-    /// 7 days by default, then read every 15 minutes). Off: `[collection] enabled = false`,
-    /// so that a figure is the payments' alone.
+    /// settings; the payment scenarios then ask it to collect every meter at once as the
+    /// payments start (on a fresh journal: a back-fill over the horizon, 7 days by
+    /// default). Off: `[collection] enabled = false`, so a figure is the payments' alone.
     pub collection: bool,
     /// Print progress on stderr.
     pub progress: bool,
@@ -188,16 +188,28 @@ pub struct Seen {
 pub struct Events {
     rx: mpsc::UnboundedReceiver<Seen>,
     idle: Duration,
+    /// When the last result or payment outcome arrived. The retained `status` comes
+    /// again at every reconnection of the listener, so it does not count as progress.
+    last_progress: tokio::time::Instant,
 }
 
 impl Events {
-    /// The next message; an error when nothing at all arrives for the idle timeout
-    /// (the daemon stalled or died). Cancel-safe.
+    fn new(rx: mpsc::UnboundedReceiver<Seen>) -> Self {
+        Self { rx, idle: Duration::from_secs(60), last_progress: tokio::time::Instant::now() }
+    }
+
+    /// The next message; an error when no result or payment outcome has arrived for the
+    /// idle timeout (the daemon or the broker stalled, or the daemon died). Cancel-safe.
     pub async fn next(&mut self) -> anyhow::Result<Seen> {
-        match tokio::time::timeout(self.idle, self.rx.recv()).await {
-            Ok(Some(seen)) => Ok(seen),
+        match tokio::time::timeout_at(self.last_progress + self.idle, self.rx.recv()).await {
+            Ok(Some(seen)) => {
+                if matches!(seen.msg, Msg::Result(_) | Msg::Payment(_)) {
+                    self.last_progress = tokio::time::Instant::now();
+                }
+                Ok(seen)
+            }
             Ok(None) => bail!("the listening MQTT client stopped"),
-            Err(_) => bail!("nothing from the daemon for {} s", self.idle.as_secs()),
+            Err(_) => bail!("no result from the daemon for {} s", self.idle.as_secs()),
         }
     }
 }
@@ -420,6 +432,7 @@ impl Rig {
             }
         }
         events.idle = Duration::from_secs(60);
+        events.last_progress = tokio::time::Instant::now();
         let daemon_startup = started.elapsed();
         note(&format!("daemon online after {:.1} s", daemon_startup.as_secs_f64()));
         Ok(Self {
@@ -579,7 +592,7 @@ async fn listen(url: &headend::mqtt::BrokerUrl, prefix: &str, client_id: &str) -
         .await
         .context("the broker did not acknowledge the subscription in 10 s")?
         .context("the listening client stopped")?;
-    Ok(Events { rx, idle: Duration::from_secs(60) })
+    Ok(Events::new(rx))
 }
 
 /// Start `mosquitto` on a free loopback port with queues deep enough for a burst (the

@@ -461,6 +461,11 @@ impl Collector {
             return;
         }
         self.metrics.bad_data(b);
+        if b.dropped() == 0 && b.gap_intervals == 0 && b.out_of_order == 0 {
+            // Only flags (a power-down interval, a late snapshot): published with the rows.
+            tracing::info!(meter = %m.id, flagged = b.flagged, bad_value = b.bad_value, "collection: rows flagged");
+            return;
+        }
         tracing::warn!(
             meter = %m.id,
             bad_time = b.bad_time,

@@ -79,12 +79,25 @@ impl RandomSource for OsRandom {
 
 type Session = ClientSession<RustCryptoProvider<OsRandom>>;
 
-/// Cached description of a profile (capture objects do not change between reads).
-#[derive(Debug, Clone)]
+/// Cached description of a profile (capture objects do not change between reads). Shared
+/// (`Arc`) so that a read does not copy it, and kept small: a head-end holds one per meter.
+#[derive(Debug)]
 struct ProfileMeta {
-    kinds: Vec<ColumnKind>,
-    columns: Vec<ProfileColumn>,
+    kinds: Box<[ColumnKind]>,
     capture_period_s: u32,
+}
+
+impl ProfileMeta {
+    /// The value columns (the clock and status columns are not values).
+    fn columns(&self) -> Vec<ProfileColumn> {
+        self.kinds
+            .iter()
+            .filter_map(|k| match k {
+                ColumnKind::Value { column, .. } => Some(column.clone()),
+                _ => None,
+            })
+            .collect()
+    }
 }
 
 /// A DLMS/COSEM meter.
@@ -99,7 +112,7 @@ pub struct DlmsMeter {
     counters: CounterStore,
     reservation: Reservation,
     scalers: Vec<(Obis, i8, String)>,
-    profiles: Vec<(Obis, ProfileMeta)>,
+    profiles: Vec<(Obis, std::sync::Arc<ProfileMeta>)>,
 }
 
 impl std::fmt::Debug for DlmsMeter {
@@ -260,7 +273,7 @@ impl DlmsMeter {
         Ok(LoadProfile {
             obis: cosem::obis_text(obis),
             capture_period_s: meta.capture_period_s,
-            columns: meta.columns,
+            columns: meta.columns(),
             rows,
         })
     }
@@ -301,9 +314,9 @@ impl DlmsMeter {
         cosem::profile_rows(&cosem::decode(&bytes)?, &meta.kinds, self.settings.utc_offset_minutes)
     }
 
-    async fn profile_meta(&mut self, port: &mut Port, obis: Obis) -> Result<ProfileMeta, MeterError> {
+    async fn profile_meta(&mut self, port: &mut Port, obis: Obis) -> Result<std::sync::Arc<ProfileMeta>, MeterError> {
         if let Some((_, m)) = self.profiles.iter().find(|(o, _)| *o == obis) {
-            return Ok(m.clone());
+            return Ok(std::sync::Arc::clone(m));
         }
         let captures = cosem::capture_objects_of(&cosem::decode(&self.get(port, 7, obis, 3, None).await?)?)?;
         let capture_period_s = cosem::decode(&self.get(port, 7, obis, 4, None).await?)?
@@ -311,7 +324,6 @@ impl DlmsMeter {
             .and_then(|v| u32::try_from(v).ok())
             .unwrap_or(0);
         let mut kinds = Vec::new();
-        let mut columns = Vec::new();
         for c in captures {
             let name = format!("{}/{}/{}", c.class_id, cosem::obis_text(c.logical_name), c.attribute_index);
             let kind = match (c.class_id, c.attribute_index) {
@@ -323,13 +335,11 @@ impl DlmsMeter {
                 }
                 _ => ColumnKind::Value { scaler: 0, column: ProfileColumn { name, unit: None } },
             };
-            if let ColumnKind::Value { column, .. } = &kind {
-                columns.push(column.clone());
-            }
             kinds.push(kind);
         }
-        let meta = ProfileMeta { kinds, columns, capture_period_s };
-        self.profiles.push((obis, meta.clone()));
+        let meta = std::sync::Arc::new(ProfileMeta { kinds: kinds.into_boxed_slice(), capture_period_s });
+        self.profiles.push((obis, std::sync::Arc::clone(&meta)));
+        self.profiles.shrink_to_fit();
         Ok(meta)
     }
 
@@ -340,6 +350,7 @@ impl DlmsMeter {
         let (scaler, unit) = cosem::scaler_unit_of(&cosem::decode(&self.get(port, class, obis, 3, None).await?)?)?;
         let unit = cosem::unit_symbol(unit);
         self.scalers.push((obis, scaler, unit.clone()));
+        self.scalers.shrink_to_fit();
         Ok((scaler, unit))
     }
 
