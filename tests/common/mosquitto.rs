@@ -218,9 +218,26 @@ impl TestClient {
     /// [`TestClient::connect`] with a chosen client id (taking an id over makes the broker
     /// drop the client that had it: a way to cut one client's connection).
     pub async fn connect_as(port: u16, id: &str, filters: &[&str]) -> Self {
+        Self::connect_with(Self::options(port, id), filters).await
+    }
+
+    /// [`TestClient::connect_as`] with a user name and password (for brokers with an ACL).
+    pub async fn connect_user(port: u16, id: &str, user: &str, password: &str, filters: &[&str]) -> Self {
+        let mut opts = Self::options(port, id);
+        opts.set_credentials(user, password);
+        Self::connect_with(opts, filters).await
+    }
+
+    /// The options [`TestClient::connect_as`] uses.
+    fn options(port: u16, id: &str) -> MqttOptions {
         let mut opts = MqttOptions::new(id, "127.0.0.1", port);
         opts.set_keep_alive(Duration::from_secs(30));
         opts.set_max_packet_size(8 << 20, 8 << 20);
+        opts
+    }
+
+    /// Connect with these options and subscribe to `filters`, as [`TestClient::connect`].
+    pub async fn connect_with(opts: MqttOptions, filters: &[&str]) -> Self {
         let (client, mut events) = AsyncClient::new(opts, 64);
         let (tx, rx) = mpsc::unbounded_channel();
         let (sub_tx, mut sub_rx) = mpsc::unbounded_channel();
