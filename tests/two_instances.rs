@@ -2,7 +2,8 @@
 //! out: each with its own topic prefix (`ami/north`, `ami/south`), its own fleet (a
 //! simulator each), its own state directory. A command switches only the meter of the
 //! instance whose prefix it was published under; a command under north's prefix for a
-//! south meter is north's `unknown_meter`, and south never hears of it.
+//! south meter is north's `unknown_meter`, and south never hears of it; a payment
+//! published to both reconnects the account's meter where it is and nothing elsewhere.
 
 mod common;
 
@@ -51,12 +52,14 @@ impl Region {
         let mut text = format!(
             "state_dir = \"state\"\n\n[mqtt]\nprefix = \"{prefix}\"\nclient_id = \"headend-{name}\"\n\n\
              [collection]\nenabled = false\n\n\
+             [policy.window]\ndays = [\"mon\", \"tue\", \"wed\", \"thu\", \"fri\", \"sat\", \"sun\"]\n\
+             start = \"00:00\"\nend = \"24:00\"\nno_cut_before_holiday = false\n\n\
              [[link]]\nname = \"{name}-wrapper\"\nprotocol = \"dlms-wrapper\"\naddress = \"{wrapper}\"\ntimeout_ms = 2000\n\n"
         );
         for (i, (id, sim_name)) in meters.iter().enumerate() {
             text.push_str(&format!(
                 "[[meter]]\nid = \"{id}\"\nlink = \"{name}-wrapper\"\nidentity = \"{sim_name}\"\nlogical_device = {}\n\
-                 client_sap = 16\n\n",
+                 client_sap = 16\naccount = \"ACC-{id}\"\n\n",
                 i + 1
             ));
         }
@@ -130,6 +133,36 @@ async fn two_instances_with_their_own_prefixes_each_serve_only_their_own_fleet()
     let cross: Vec<String> = mentions(&obs, "cross");
     assert!(cross.iter().all(|m| m.starts_with("ami/north/")), "south acted on north's command: {cross:?}");
     assert!(!cross.is_empty());
+
+    // Billing need not know the regions: a payment published to every region reconnects
+    // the account's meters where they are, and is recorded, changing nothing, elsewhere.
+    let arrears =
+        r#"{"id":"n2-arrears","action":"disconnect","reason":"arrears","notice_sent_at":"2020-01-01T00:00:00Z"}"#;
+    obs.publish("ami/north/cmd/N-2", arrears).await;
+    let r = obs.wait_for(20, "n2-arrears", |m| final_on(m, "ami/north/result/N-2", "n2-arrears")).await.json;
+    assert_eq!(r["status"], "succeeded", "{r}");
+    assert!(!north.relay_closed("SIMNORTH0002"));
+    let pay = r#"{"id":"pay-n2","account":"ACC-N-2","amount":"80.00","currency":"CNY","cleared":true}"#;
+    obs.publish("ami/south/payments", pay).await;
+    obs.publish("ami/north/payments", pay).await;
+    for region in ["ami/north", "ami/south"] {
+        let topic = format!("{region}/payment/pay-n2");
+        let outcome = obs.wait_for(20, &topic, |m| m.topic == topic).await.json;
+        let meters: Vec<&Value> = outcome["reconnects"].as_array().into_iter().flatten().map(|r| &r["meter"]).collect();
+        let expected: Vec<&str> = if region == "ami/north" { vec!["N-2"] } else { vec![] };
+        assert_eq!(meters, expected, "{topic}: {outcome}");
+    }
+    let r = obs
+        .wait_for(20, "the payment's reconnect", |m| {
+            m.topic == "ami/north/result/N-2"
+                && m.json["trigger"]["payment"] == "pay-n2"
+                && m.json["status"] == "succeeded"
+        })
+        .await
+        .json;
+    assert_eq!(r["relay"], "connected", "{r}");
+    assert!(north.relay_closed("SIMNORTH0002") && !south.relay_closed("SIMSOUTH0001"));
+
     let statuses: Vec<Value> = obs.all().into_iter().filter(|m| m.topic.ends_with("/status")).map(|m| m.json).collect();
     assert!(statuses.iter().all(|s| s["online"] == true), "both stayed up: {statuses:?}");
 }
