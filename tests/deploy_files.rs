@@ -1,6 +1,6 @@
 //! The shipped monitoring and service files check with the tools that will read them:
 //! `promtool` (the scrape configuration, the alert rules and their unit tests in
-//! `deploy/prometheus/headend.rules.test.yml`), `systemd-analyze verify` (the unit), and
+//! `deploy/prometheus/headend.rules.test.yml`), `systemd-analyze verify` (the unit), `systemd-sysusers` (the user), and
 //! the metric names in the rules and the Grafana dashboard are the daemon's. `.ci/run`
 //! installs promtool and systemd-analyze; the broker's files are tested with mosquitto in
 //! `tests/deploy_mosquitto.rs`.
@@ -158,4 +158,22 @@ fn the_systemd_unit_verifies_and_is_hardened() {
     let _ = std::fs::remove_dir_all(&dir);
     // Unknown or misspelt settings are warnings on stderr, not a failing status.
     assert!(out.trim().is_empty() && err.trim().is_empty(), "systemd-analyze verify:\n{out}\n{err}");
+}
+
+#[test]
+fn the_sysusers_snippet_makes_the_service_user_without_a_login() {
+    let root = std::env::temp_dir().join(format!("headend-sysusers-{}", std::process::id()));
+    std::fs::create_dir_all(root.join("etc")).expect("temp root");
+    let conf = deploy("systemd/headend.sysusers.conf");
+    let root_arg = format!("--root={}", root.display());
+    tool("systemd-sysusers", &[&root_arg, &conf.to_string_lossy()], &root);
+    let passwd = std::fs::read_to_string(root.join("etc/passwd")).expect("passwd written");
+    let group = std::fs::read_to_string(root.join("etc/group")).expect("group written");
+    let _ = std::fs::remove_dir_all(&root);
+    let user: Vec<&str> =
+        passwd.lines().find(|l| l.starts_with("headend:")).expect("user headend").split(':').collect();
+    assert_eq!(user.get(5..7), Some(&["/var/lib/headend", "/usr/sbin/nologin"][..]), "{passwd}");
+    let uid: u32 = user[2].parse().expect("uid");
+    assert!(uid > 0 && uid < 1000, "a system user: {passwd}");
+    assert!(group.lines().any(|l| l.starts_with("headend:")), "its own group: {group}");
 }
