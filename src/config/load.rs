@@ -225,10 +225,14 @@ fn diagnostic(
     table: &Table,
     fallback: Option<std::ops::Range<usize>>,
 ) -> Diagnostic {
-    let span = e.span().or(fallback);
-    let key = span.as_ref().and_then(|s| {
-        table.iter().find(|(_, v)| v.span().as_ref() == Some(s) || contains(v, s)).map(|(k, _)| k.to_owned())
-    });
+    let mut span = e.span().or(fallback);
+    let found = span.as_ref().and_then(|s| table.iter().find(|(_, v)| v.span().as_ref() == Some(s) || contains(v, s)));
+    let key = found.map(|(k, _)| k.to_owned());
+    // An array's element errors carry the array's span: point at the element named.
+    if let Some(array) = found.and_then(|(_, v)| v.as_array()) {
+        let named = array.iter().find(|v| v.as_str().is_some_and(|s| e.message().contains(&format!("{s:?}"))));
+        span = named.and_then(toml_edit::Value::span).or(span);
+    }
     let mut message = String::new();
     if let Some(w) = what {
         message.push_str(w);
