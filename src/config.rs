@@ -4,7 +4,11 @@
 //! daemon and the `meter` verbs refuse a broken file up front with a message that names
 //! the file and says what to write instead.
 
-use std::collections::{BTreeMap, HashSet};
+mod checks;
+pub mod diagnostics;
+mod load;
+
+use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 
 use serde::Deserialize;
@@ -15,6 +19,8 @@ use crate::contract::AccountId;
 use crate::meter::MeterId;
 use crate::policy::{PolicyConfig, Protection};
 use crate::secrets::{KeyFileError, MeterKeys};
+pub use checks::BAUD_RATES;
+pub use diagnostics::{Diagnostic, KeyPath, Problem, Problems};
 
 /// Default time allowed for one exchange (request sent to complete answer).
 pub const DEFAULT_TIMEOUT_MS: u64 = 5000;
@@ -75,6 +81,16 @@ impl LinkProtocol {
     /// True for the DLMS stacks.
     pub fn is_dlms(self) -> bool {
         matches!(self, Self::DlmsWrapper | Self::DlmsHdlc)
+    }
+
+    /// The name written in the file.
+    pub fn name(self) -> &'static str {
+        match self {
+            Self::DlmsWrapper => "dlms-wrapper",
+            Self::DlmsHdlc => "dlms-hdlc",
+            Self::ModbusTcp => "modbus-tcp",
+            Self::ModbusRtu => "modbus-rtu",
+        }
     }
 }
 
@@ -149,6 +165,17 @@ pub enum AuthKind {
     Lls,
     /// High level security with GMAC, security suite 0 (authenticated and encrypted).
     HlsGmac,
+}
+
+impl AuthKind {
+    /// The name written in the file.
+    pub fn name(self) -> &'static str {
+        match self {
+            Self::None => "none",
+            Self::Lls => "lls",
+            Self::HlsGmac => "hls-gmac",
+        }
+    }
 }
 
 /// One meter.
@@ -426,21 +453,14 @@ pub enum ConfigError {
         /// Why.
         source: std::io::Error,
     },
-    /// TOML syntax or a field of the wrong type; the message carries line and column.
-    #[error("{path}: {message}")]
-    Syntax {
-        /// The file.
-        path: PathBuf,
-        /// The parser's message, with the line.
-        message: String,
-    },
-    /// Something that parses but cannot work.
-    #[error("{path}: {problem}")]
+    /// Syntax, types, and everything that parses but cannot work: each problem with its
+    /// line and column, and what to write instead.
+    #[error("{}", diagnostics::render(path, diagnostics))]
     Invalid {
         /// The file.
         path: PathBuf,
-        /// What is wrong and what to write instead.
-        problem: String,
+        /// The problems, in file order.
+        diagnostics: Vec<Diagnostic>,
     },
     /// A key file is missing or malformed.
     #[error(transparent)]
@@ -448,24 +468,11 @@ pub enum ConfigError {
 }
 
 impl SiteConfig {
-    /// Read, parse and check a configuration file.
+    /// Read, parse and check a configuration file: every problem, each at its line.
     pub fn load(path: &Path) -> Result<Self, ConfigError> {
         let text =
             std::fs::read_to_string(path).map_err(|source| ConfigError::Read { path: path.to_owned(), source })?;
-        let mut cfg = Self::parse(&text).map_err(|message| ConfigError::Syntax { path: path.to_owned(), message })?;
-        cfg.base_dir = path.parent().map(Path::to_path_buf).unwrap_or_default();
-        let mut problems = cfg.problems();
-        if !problems.is_empty() {
-            // A generated file can be wrong 100,000 times over; the first few say what to fix.
-            const SHOWN: usize = 20;
-            if problems.len() > SHOWN {
-                let more = problems.len() - SHOWN;
-                problems.truncate(SHOWN);
-                problems.push(format!("... and {more} more"));
-            }
-            return Err(ConfigError::Invalid { path: path.to_owned(), problem: problems.join("\n  ") });
-        }
-        Ok(cfg)
+        load::load_text(&text, path)
     }
 
     /// Parse TOML text (no semantic checks).
@@ -473,108 +480,14 @@ impl SiteConfig {
         toml::from_str(text).map_err(|e| e.to_string())
     }
 
-    /// Everything wrong with this configuration, each with what to write instead.
-    pub fn problems(&self) -> Vec<String> {
-        let mut out = Vec::new();
-        let mut names = HashSet::new();
-        for link in &self.links {
-            if !names.insert(link.name.as_str()) {
-                out.push(format!("link {:?} is defined twice: give each [[link]] its own name", link.name));
-            }
-            match (&link.address, &link.serial) {
-                (Some(_), Some(_)) => out.push(format!(
-                    "link {:?} has both `address` and `serial`: keep one (TCP host:port, or a serial device)",
-                    link.name
-                )),
-                (None, None) => out.push(format!(
-                    "link {:?} has neither `address` nor `serial`: add address = \"host:port\" or serial = \"/dev/ttyUSB0\"",
-                    link.name
-                )),
-                _ => {}
-            }
-            if link.serial.is_some() && matches!(link.protocol, LinkProtocol::DlmsWrapper | LinkProtocol::ModbusTcp) {
-                out.push(format!(
-                    "link {:?}: protocol {:?} runs over TCP only: use address = \"host:port\", or protocol dlms-hdlc / modbus-rtu on a serial port",
-                    link.name, link.protocol
-                ));
-            }
-            if link.timeout_ms == 0 {
-                out.push(format!("link {:?}: timeout_ms = 0 never waits for an answer: use e.g. 5000", link.name));
-            }
-            if link.hdlc.max_info < 32 || link.hdlc.max_info > 2030 || link.hdlc.window == 0 || link.hdlc.window > 7 {
-                out.push(format!(
-                    "link {:?}: hdlc max_info must be 32..=2030 and window 1..=7 (defaults 128 and 1)",
-                    link.name
-                ));
-            }
-        }
-        let mut ids = HashSet::new();
-        for m in &self.meters {
-            if !ids.insert(m.id.as_str()) {
-                out.push(format!("meter {} is defined twice: meter ids are unique", m.id));
-            }
-            let Some(link) = self.links.iter().find(|l| l.name == m.link) else {
-                out.push(format!("meter {}: no [[link]] named {:?}: add it or fix `link`", m.id, m.link));
-                continue;
-            };
-            if link.protocol.is_dlms() {
-                if m.auth != AuthKind::None && m.keys.is_none() {
-                    out.push(format!(
-                        "meter {}: auth {:?} needs `keys = \"path/to/keys.toml\"` (see config/keys.example.toml)",
-                        m.id, m.auth
-                    ));
-                }
-                if link.protocol == LinkProtocol::DlmsHdlc && m.physical_address.is_none() {
-                    out.push(format!(
-                        "meter {}: on an HDLC link, set physical_address (the meter's lower HDLC address, e.g. 17)",
-                        m.id
-                    ));
-                }
-                let hdlc = link.protocol == LinkProtocol::DlmsHdlc;
-                if hdlc && (m.physical_address.is_some_and(|p| p > 0x3FFF) || m.logical_device > 0x3FFF) {
-                    out.push(format!("meter {}: HDLC addresses are 14 bits (0..=16383)", m.id));
-                }
-            } else {
-                match &m.modbus_profile {
-                    None => out.push(format!(
-                        "meter {}: a Modbus meter needs modbus_profile = \"...\" naming a [modbus_profile.NAME]",
-                        m.id
-                    )),
-                    Some(p) if !self.modbus_profiles.contains_key(p) => {
-                        out.push(format!("meter {}: no [modbus_profile.{p}] section", m.id))
-                    }
-                    _ => {}
-                }
-                if m.unit_id.is_none() {
-                    out.push(format!("meter {}: a Modbus meter needs unit_id = 1..=247", m.id));
-                }
-            }
-            if let Some(keys) = &m.keys {
-                if let Err(e) = MeterKeys::load(&self.resolve(keys)) {
-                    out.push(format!("meter {}: {e}", m.id));
-                }
-            }
-            if let Some(Err(e)) = m.account.as_deref().map(AccountId::new) {
-                out.push(format!("meter {}: account: {e}", m.id));
-            }
-            if let Some(p) = m.profile.as_deref().filter(|p| crate::dlms::cosem::parse_obis(p).is_none()) {
-                out.push(format!("meter {}: profile {p:?} is not an OBIS code like 1.0.99.1.0.255", m.id));
-            }
-        }
-        let mut accounts = HashSet::new();
-        for a in &self.accounts {
-            if !accounts.insert(a.id.as_str()) {
-                out.push(format!("account {} is defined twice: merge the [[account]] entries", a.id));
-            }
-        }
+    /// Everything wrong with this configuration, each with what to write instead; the
+    /// registry's problems name their key, the sections' start with `[section]`.
+    pub fn problems(&self) -> Problems {
+        let mut out = Problems::default();
+        checks::registry(self, &mut out);
         out.extend(self.policy.problems());
         out.extend(self.commands.problems());
         out.extend(self.collection.problems());
-        for (name, p) in &self.modbus_profiles {
-            if p.relay_coil.is_some() && p.relay_register.is_some() {
-                out.push(format!("modbus_profile {name}: set relay_coil or relay_register, not both"));
-            }
-        }
         out
     }
 
@@ -645,7 +558,7 @@ mod tests {
         let p = cfg.problems().join("\n");
         assert!(p.contains("neither `address` nor `serial`"), "{p}");
         assert!(p.contains("physical_address"), "{p}");
-        assert!(p.contains("no [[link]] named \"nowhere\""), "{p}");
+        assert!(p.contains("link \"nowhere\" is not defined; defined links: a"), "{p}");
     }
 
     #[test]

@@ -85,8 +85,10 @@ impl MeterKeys {
     pub fn parse(text: &str, path: &Path) -> Result<Self, KeyFileError> {
         let file: KeyFile = toml::from_str(text).map_err(|e| KeyFileError::Syntax {
             path: path.to_owned(),
-            // toml's message quotes the offending source line, which may hold a key.
-            message: e.message().to_owned(),
+            // toml's full message quotes the offending source line, and serde's "invalid
+            // type: string `...`" quotes the value: either may be a key. Line and what
+            // was expected only.
+            message: redacted(text, &e),
         })?;
         let bad = |field, bytes| KeyFileError::BadHex { path: path.to_owned(), field, bytes };
         Ok(Self {
@@ -98,6 +100,23 @@ impl MeterKeys {
                 .map(|h| unhex::<8>(&h).ok_or_else(|| bad("client_system_title", 8)))
                 .transpose()?,
         })
+    }
+}
+
+fn redacted(text: &str, e: &toml::de::Error) -> String {
+    let line = e.span().map(|s| text.get(..s.start).unwrap_or("").matches('\n').count() + 1);
+    let m = e.message();
+    let what = if m.starts_with("invalid") {
+        m.split_once(", expected ").map_or("a value is not valid".to_owned(), |(_, exp)| format!("expected {exp}"))
+    } else if m.starts_with("unknown field") || m.starts_with("missing field") || m.starts_with("duplicate key") {
+        // Names of fields, never values.
+        m.to_owned()
+    } else {
+        "not valid TOML".to_owned()
+    };
+    match line {
+        Some(l) => format!("line {l}: {what} (the value is not shown)"),
+        None => format!("{what} (the value is not shown)"),
     }
 }
 
@@ -142,5 +161,7 @@ mod tests {
         assert!(!format!("{keys:?}").contains("hunter22"));
         let syntax = MeterKeys::parse("password = \"hunter22\"\noops\n", Path::new("k.toml")).expect_err("syntax");
         assert!(!syntax.to_string().contains("hunter22"), "{syntax}");
+        let typed = MeterKeys::parse("password = 31415926\n", Path::new("k.toml")).expect_err("type");
+        assert!(!typed.to_string().contains("31415926") && typed.to_string().contains("line 1"), "{typed}");
     }
 }
