@@ -253,6 +253,9 @@ pub enum Record {
     Status(StatusRecord),
     /// A meter's relay knowledge changed.
     Meter(MeterRecord),
+    /// A cleared payment was acted on: committed with the reconnects it derived, so that
+    /// recovery feeds again exactly the payments whose reconnects were lost.
+    PaymentProcessed(PaymentId),
     /// The quarantine tripped or was lifted.
     Quarantine(QuarantineEvent),
     /// An audit entry that is not a status of a stored command (a duplicate_id refusal,
@@ -308,6 +311,9 @@ pub struct Recovered {
     pub cleared: Vec<(AccountId, i64)>,
     /// The quarantine, if it was on.
     pub quarantine: Option<QuarantineState>,
+    /// Cleared payments whose reconnects were never committed (a crash between the
+    /// payment's commit and its records'), with their arrival time: fed again.
+    pub payments: Vec<(Payment, i64)>,
 }
 
 /// The answer to a command whose id the journal has seen: the latest status again with

@@ -448,10 +448,11 @@ impl Engine {
         }
     }
 
-    fn on_payment(&mut self, payment: &Payment, received_ms: i64, now: i64, out: &mut Vec<Output>) {
+    pub(super) fn on_payment(&mut self, payment: &Payment, received_ms: i64, now: i64, out: &mut Vec<Output>) {
         if !payment.cleared {
             return;
         }
+        out.push(Output::Persist(Record::PaymentProcessed(payment.id.clone())));
         let confirmed = payment.confirmed_at.map_or(received_ms, Timestamp::unix_ms);
         let latest = self.cleared.entry(payment.account.clone()).or_insert(confirmed);
         *latest = (*latest).max(confirmed);
