@@ -181,9 +181,18 @@ impl Actor {
 
     /// Run one control request and answer it. An exchange in progress is allowed to
     /// finish even on shutdown (bounded by the link's timeouts), so a switch is never cut
-    /// off between ACTION and read-back.
+    /// off between ACTION and read-back. A panic in the exchange (a driver bug on odd
+    /// input) is answered as a failure on the link and the link is reopened: the actor,
+    /// and every other meter on the link, keeps being served.
     async fn serve(&mut self, work: Execution) {
-        let outcome = self.execute(&work).await;
+        let outcome = match CatchUnwind(Box::pin(self.execute(&work))).await {
+            Ok(o) => o,
+            Err(()) => {
+                let e = MeterError::LinkClosed("the channel's exchange panicked; the link is reopened".into());
+                self.link_failed(&work.meter, &e);
+                Outcome::Error(e)
+            }
+        };
         let _ = self.answers.send(Input::Executed { command: work.command, attempt: work.attempt, outcome });
     }
 
@@ -317,6 +326,37 @@ impl Actor {
     }
 }
 
+impl Drop for Actor {
+    /// However the actor ends (shutdown, or a panic outside an exchange), work still
+    /// queued on its control lane is answered, so no command waits on a dead channel;
+    /// the engine's attempt deadline covers an answer lost any other way.
+    fn drop(&mut self) {
+        self.health.send_replace(LinkHealth::Down);
+        self.control.close();
+        while let Ok(w) = self.control.try_recv() {
+            let outcome = Outcome::Error(MeterError::Unreachable(format!("channel {} stopped", self.link.name)));
+            let _ = self.answers.send(Input::Executed { command: w.command, attempt: w.attempt, outcome });
+        }
+    }
+}
+
+/// Polls a future inside `catch_unwind`: a panic becomes `Err(())` instead of taking the
+/// actor's task down. The actor's state is made consistent again by the caller
+/// (`link_failed` resets every driver and drops the link).
+struct CatchUnwind<F>(std::pin::Pin<Box<F>>);
+
+impl<F: std::future::Future> std::future::Future for CatchUnwind<F> {
+    type Output = Result<F::Output, ()>;
+    fn poll(mut self: std::pin::Pin<&mut Self>, cx: &mut std::task::Context<'_>) -> std::task::Poll<Self::Output> {
+        let inner = self.0.as_mut();
+        match std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| inner.poll(cx))) {
+            Ok(std::task::Poll::Ready(v)) => std::task::Poll::Ready(Ok(v)),
+            Ok(std::task::Poll::Pending) => std::task::Poll::Pending,
+            Err(_) => std::task::Poll::Ready(Err(())),
+        }
+    }
+}
+
 async fn run_op(meter: &mut ChannelMeter, link: &mut Link, op: Op) -> Outcome {
     let d = &mut meter.driver;
     match op {
@@ -356,5 +396,42 @@ async fn run_op(meter: &mut ChannelMeter, link: &mut Link, op: Op) -> Outcome {
             };
             Outcome::Read(ReadResult { relay, registers, meter_clock })
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn work(id: &str) -> Execution {
+        Execution {
+            command: crate::contract::CommandId::new(id).expect("id"),
+            meter: MeterId::new("M1").expect("meter"),
+            attempt: 1,
+            op: crate::command::Op::Reconnect,
+        }
+    }
+
+    /// Review finding: a channel that stopped left its queued work unanswered.
+    #[tokio::test]
+    async fn work_queued_on_a_channel_that_stops_is_answered_with_a_failure() {
+        let link: LinkConfig =
+            toml::from_str("name = \"l1\"\nprotocol = \"dlms-wrapper\"\naddress = \"127.0.0.1:9\"").expect("link");
+        let (tx, mut rx) = mpsc::unbounded_channel();
+        let stop = CancellationToken::new();
+        let (handle, task) = spawn(link, Vec::new(), tx, None, stop.clone());
+        // Stopped before it served anything: both requests are still queued.
+        stop.cancel();
+        handle.execute(work("c1")).expect("queued");
+        handle.execute(work("c2")).expect("queued");
+        task.await.expect("the actor ends");
+        let mut answered = Vec::new();
+        while let Some(Input::Executed { command, outcome, .. }) = rx.recv().await {
+            assert!(matches!(outcome, Outcome::Error(MeterError::Unreachable(_))), "{outcome:?}");
+            answered.push(command.to_string());
+        }
+        assert_eq!(answered, vec!["c1", "c2"]);
+        assert_eq!(handle.health(), LinkHealth::Down);
+        assert!(handle.execute(work("c3")).is_err(), "a stopped channel takes no more work");
     }
 }

@@ -39,11 +39,22 @@ pub struct CommandsConfig {
     pub retry_initial_s: u64,
     /// Retry delays double up to this (default 300 s).
     pub retry_max_s: u64,
+    /// An attempt whose answer has not come back after this long is taken as failed on
+    /// its link (default 120 s: a switch is five exchanges plus opening the link and an
+    /// association, each bounded by the link's timeout). A channel actor that died, or
+    /// hangs, then cannot hold a command or its link forever.
+    pub attempt_timeout_s: u64,
 }
 
 impl Default for CommandsConfig {
     fn default() -> Self {
-        Self { default_expiry_s: 86_400, payment_reconnect_expiry_s: 7 * 86_400, retry_initial_s: 5, retry_max_s: 300 }
+        Self {
+            default_expiry_s: 86_400,
+            payment_reconnect_expiry_s: 7 * 86_400,
+            retry_initial_s: 5,
+            retry_max_s: 300,
+            attempt_timeout_s: 120,
+        }
     }
 }
 
@@ -53,6 +64,9 @@ impl CommandsConfig {
         let mut out = Vec::new();
         if self.default_expiry_s == 0 || self.payment_reconnect_expiry_s == 0 {
             out.push("[commands] expiry values must be at least 1 second".into());
+        }
+        if self.attempt_timeout_s == 0 {
+            out.push("[commands] attempt_timeout_s must be at least 1 second".into());
         }
         if self.retry_initial_s == 0 || self.retry_max_s < self.retry_initial_s {
             out.push("[commands] retry_initial_s must be at least 1 and at most retry_max_s".into());
@@ -253,6 +267,9 @@ pub enum Record {
     Status(StatusRecord),
     /// A meter's relay knowledge changed.
     Meter(MeterRecord),
+    /// A cleared payment was acted on: committed with the reconnects it derived, so that
+    /// recovery feeds again exactly the payments whose reconnects were lost.
+    PaymentProcessed(PaymentId),
     /// The quarantine tripped or was lifted.
     Quarantine(QuarantineEvent),
     /// An audit entry that is not a status of a stored command (a duplicate_id refusal,
@@ -308,6 +325,9 @@ pub struct Recovered {
     pub cleared: Vec<(AccountId, i64)>,
     /// The quarantine, if it was on.
     pub quarantine: Option<QuarantineState>,
+    /// Cleared payments whose reconnects were never committed (a crash between the
+    /// payment's commit and its records'), with their arrival time: fed again.
+    pub payments: Vec<(Payment, i64)>,
 }
 
 /// The answer to a command whose id the journal has seen: the latest status again with
@@ -345,6 +365,10 @@ struct Live {
     attempts: u32,
     /// The attempt in flight and what it does.
     running: Option<(u32, Op)>,
+    /// When the attempt in flight is given up on if no answer came.
+    deadline_ms: Option<i64>,
+    /// Waiting in its link's queue for the link to be free.
+    queued: bool,
     wake_ms: Option<i64>,
     not_before_ms: Option<i64>,
     /// A rate-limit slot booked for it (deferred until then).
@@ -391,6 +415,19 @@ fn err(code: ErrorCode, message: impl Into<String>) -> Extra {
     Extra { error: Some(ErrorBody::new(code, message)), ..Extra::default() }
 }
 
+/// Turn-taking on one link: at most one attempt in flight, so that everything about a
+/// command (its turn, expiry, policy gates, supersede, a payment voiding it) is decided
+/// when the link is free to run it, not when it was queued behind slow meters.
+#[derive(Debug, Clone, Default)]
+struct LinkTurn {
+    /// The command whose attempt is on the link.
+    busy: Option<CommandId>,
+    /// Waiting reconnects: they go first (a paying customer is without power).
+    first: std::collections::VecDeque<CommandId>,
+    /// Everything else waiting, in arrival order.
+    rest: std::collections::VecDeque<CommandId>,
+}
+
 /// The command life-cycle state machine. See the module documentation.
 #[derive(Debug)]
 pub struct Engine {
@@ -401,6 +438,8 @@ pub struct Engine {
     slots: HashMap<MeterId, Slot>,
     timers: BTreeSet<(i64, CommandId)>,
     cleared: HashMap<AccountId, i64>,
+    /// Per link (the registry's channel): see [`LinkTurn`].
+    links: HashMap<String, LinkTurn>,
 }
 
 mod restore;

@@ -325,6 +325,7 @@ impl Journal {
                 meters: store::meter_states(c)?,
                 cleared: store::latest_cleared(c, None)?,
                 quarantine: store::quarantine(c)?,
+                payments: store::unprocessed_payments(c)?,
             })
         })
     }

@@ -199,8 +199,11 @@ fn reconnects_run_at_any_hour_and_are_never_rate_limited() {
     let mut r = Rig::with_policy(PolicyConfig { utc_offset_minutes: 480, rate, ..PolicyConfig::default() });
     r.now = at("2026-11-29T03:00:00+08:00"); // Sunday night
     for (i, meter) in ["M1", "M2", "M3", "M4"].iter().enumerate() {
-        let out = r.command(meter, json!({"id": format!("r{i}"), "action": "reconnect"}));
+        let id = format!("r{i}");
+        let out = r.command(meter, json!({"id": id, "action": "reconnect"}));
         assert_eq!(execs(&out).len(), 1, "{meter}");
+        // One attempt at a time per link: answer it before the next.
+        r.done(&id, 1, Outcome::Switched(SwitchOutcome::Done));
     }
 }
 
@@ -336,8 +339,12 @@ fn reads_do_not_touch_relay_intents() {
     let mut r = Rig::new();
     r.command("M4", json!({"id": "r1", "action": "reconnect"}));
     let out = r.command("M4", json!({"id": "q1", "action": "read"}));
-    assert_eq!(execs(&out), vec![("q1".into(), 1, Op::Read)]);
+    // The read waits for the link (one attempt at a time), not for the relay intent.
+    assert!(execs(&out).is_empty());
     assert_eq!(r.e.status_of(&cid("r1")), Some(Executing));
+    let out = r.done("r1", 1, Outcome::Error(MeterError::Unreachable("refused".into())));
+    assert_eq!(execs(&out), vec![("q1".into(), 1, Op::Read)]);
+    assert_eq!(r.e.status_of(&cid("r1")), Some(Retrying));
 }
 
 #[test]
@@ -472,15 +479,19 @@ fn disconnects_beyond_the_rate_wait_their_turn() {
     r.e.set_registry(bulk_registry(5));
     let mut deferred = Vec::new();
     for i in 0..5 {
-        let out =
-            r.command(&format!("B{i}"), json!({"id": format!("d{i}"), "action": "disconnect", "reason": "tamper"}));
+        let id = format!("d{i}");
+        let out = r.command(&format!("B{i}"), json!({"id": id, "action": "disconnect", "reason": "tamper"}));
         if execs(&out).is_empty() {
             deferred.push(last_msg(&out).not_before.expect("not_before"));
+        } else {
+            // The bus runs one attempt at a time.
+            r.done(&id, 1, Outcome::Switched(SwitchOutcome::Done));
         }
     }
     assert_eq!(deferred, vec!["2026-11-24T10:01:00.000+08:00", "2026-11-24T10:02:00.000+08:00"]);
     let out = r.tick_to(r.now + 60 * S);
     assert_eq!(execs(&out), vec![("d3".into(), 1, Op::Disconnect)]);
+    r.done("d3", 1, Outcome::Switched(SwitchOutcome::Done));
     let out = r.tick_to(r.now + 60 * S);
     assert_eq!(execs(&out), vec![("d4".into(), 1, Op::Disconnect)]);
 }
@@ -492,10 +503,14 @@ fn a_burst_trips_the_quarantine_and_an_operator_lifts_it() {
     for i in 0..4 {
         r.command(&format!("B{i}"), json!({"id": format!("d{i}"), "action": "disconnect", "reason": "tamper"}));
     }
-    // d0, d1 run; d2, d3 wait for the rate. d4 is one too many.
+    // d0 runs; d1 waits for the bus (one attempt at a time), d2, d3 for the rate. d4 is
+    // one too many: everything that has not started is refused.
     let out = r.command("B4", json!({"id": "d4", "action": "disconnect", "reason": "tamper"}));
     assert!(out.iter().any(|o| matches!(o, Output::Persist(Record::Quarantine(_)))));
-    assert_eq!(published(&out), vec![st("d4", Accepted), st("d4", Rejected), st("d2", Rejected), st("d3", Rejected)]);
+    assert_eq!(
+        published(&out),
+        vec![st("d4", Accepted), st("d4", Rejected), st("d1", Rejected), st("d2", Rejected), st("d3", Rejected)]
+    );
     for msg in msgs(&out).iter().skip(1) {
         assert_eq!(msg.error.as_ref().map(|e| e.code), Some(ErrorCode::PolicyRateLimit));
     }
@@ -505,6 +520,7 @@ fn a_burst_trips_the_quarantine_and_an_operator_lifts_it() {
     assert_eq!(last_msg(&out).error.map(|e| e.code), Some(ErrorCode::PolicyRateLimit));
     let out = r.command("B0", json!({"id": "r0", "action": "reconnect"}));
     assert_eq!(execs(&out).len(), 1);
+    r.done("r0", 1, Outcome::Switched(SwitchOutcome::Done));
     // Hours later it still holds; the lift is recorded, then disconnects run again.
     r.now += 10 * H;
     let out = r.command("B6", json!({"id": "d6", "action": "disconnect", "reason": "safety"}));
@@ -586,10 +602,12 @@ fn restore_resumes_waiting_commands_and_announces_unannounced_ones() {
     deferred.wake_ms = Some(r.now + H);
     let mut fresh = stored(&r, "M4", json!({"id": "r4", "action": "reconnect"}), Accepted, 0);
     fresh.latest = None;
-    let (e, out) = restore(&r, vec![deferred, fresh]);
+    let (mut e, out) = restore(&r, vec![deferred, fresh]);
     assert_eq!(published(&out), vec![st("r4", Accepted), st("r4", Executing)]);
     assert_eq!(execs(&out), vec![("r4".into(), 1, Op::Reconnect)]);
     assert_eq!(e.status_of(&cid("d1")), Some(Deferred));
+    let done = Input::Executed { command: cid("r4"), attempt: 1, outcome: Outcome::Switched(SwitchOutcome::Done) };
+    e.handle(done, r.now);
     assert_eq!(e.next_wakeup(), Some(r.now + H));
 }
 

@@ -208,8 +208,8 @@ async fn an_empty_or_older_file_is_migrated_and_a_newer_one_refused() {
         .prepare("SELECT version FROM schema_version ORDER BY version")
         .and_then(|mut s| s.query_map([], |r| r.get(0))?.collect())
         .expect("versions");
-    assert_eq!(versions, vec![1, 2]);
-    assert_eq!(SCHEMA_VERSION, 2);
+    assert_eq!(versions, vec![1, 2, 3]);
+    assert_eq!(SCHEMA_VERSION, 3);
     let kept: i64 = conn.query_row("SELECT x FROM unrelated", [], |r| r.get(0)).expect("untouched");
     assert_eq!(kept, 1);
     // Reopening an up-to-date file migrates nothing and loses nothing.
@@ -217,7 +217,7 @@ async fn an_empty_or_older_file_is_migrated_and_a_newer_one_refused() {
     // A file from a newer build is refused, not guessed at.
     conn.execute("INSERT INTO schema_version (version) VALUES (99)", []).expect("bump");
     drop(conn);
-    assert!(matches!(Journal::open(&dir.file()), Err(JournalError::NewerSchema { found: 99, supported: 2 })));
+    assert!(matches!(Journal::open(&dir.file()), Err(JournalError::NewerSchema { found: 99, supported: 3 })));
 }
 
 #[tokio::test]
@@ -331,4 +331,44 @@ fn pending_answers_can_be_awaited_from_plain_threads() {
     let j = Journal::open(&dir.file()).expect("open");
     assert_eq!(j.accept_command(&reconnect("c1", "M1")).wait().ok(), Some(Accepted::New));
     assert_eq!(j.history("M1", 10).wait().map(|h| h.len()).ok(), Some(1));
+}
+
+/// Review finding: the payment and its reconnects were two commits; a crash between them
+/// lost the reconnects (the redelivered payment is a duplicate). The payment stays
+/// unprocessed until its records commit, and recovery feeds it to the engine again.
+#[tokio::test]
+async fn a_crash_between_a_payment_and_its_reconnects_loses_no_reconnect() {
+    let dir = TempDir::new("paycrash");
+    {
+        let j = Journal::open(&dir.file()).expect("open");
+        let cut = MeterRecord {
+            meter: m("M1"),
+            relay: RelayState::Disconnected,
+            cut_reason: Some(Reason::Arrears),
+            since_ms: Some(T0),
+        };
+        j.record(vec![Record::Meter(cut)]).await.expect("cut recorded");
+        let p = payment("pay-9", "ACC-1", true);
+        assert_eq!(j.accept_payment(&p, T0 + 5).await.ok(), Some(PaymentAccepted::New));
+        // The daemon dies here, before the engine's records for the payment commit.
+    }
+    let j = Journal::open(&dir.file()).expect("reopen");
+    assert_eq!(j.accept_payment(&payment("pay-9", "ACC-1", true), T0 + 9).await.ok(), Some(PaymentAccepted::Duplicate));
+    let rec = j.recover().await.expect("recover");
+    assert_eq!(rec.payments.len(), 1, "the payment is fed again");
+    let (_, out) = Engine::restore(CommandsConfig::default(), registry(), PolicyConfig::default(), rec, T0 + 10);
+    let records = persisted(&out);
+    assert!(
+        records.iter().any(|r| matches!(r, Record::Command(c) if c.id().as_str() == "pay:pay-9:M1")),
+        "the reconnect is derived at recovery: {records:?}"
+    );
+    assert!(out.iter().any(|o| matches!(o, Output::Execute(x) if x.op == Op::Reconnect)));
+    j.record(records).await.expect("record");
+    // Committed with its reconnect: not fed a second time.
+    let rec = j.recover().await.expect("recover again");
+    assert!(rec.payments.is_empty());
+    assert_eq!(rec.commands.len(), 1);
+    // A payment that was not cleared needs no processing.
+    j.accept_payment(&payment("pay-10", "ACC-1", false), T0 + 20).await.expect("accept");
+    assert!(j.recover().await.expect("recover").payments.is_empty());
 }

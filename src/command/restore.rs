@@ -62,6 +62,11 @@ impl Engine {
                 _ => e.dispatch(&id, now_ms, &mut out),
             }
         }
+        // Payments whose reconnects were lost in a crash: derived ids are deterministic
+        // and the engine skips a reconnect already live, so feeding one again is safe.
+        for (payment, received_ms) in rec.payments {
+            e.on_payment(&payment, received_ms, now_ms, &mut out);
+        }
         (e, out)
     }
 

@@ -9,6 +9,8 @@ impl Live {
             status: Status::Accepted,
             attempts: 0,
             running: None,
+            deadline_ms: None,
+            queued: false,
             wake_ms: None,
             not_before_ms: None,
             booked_ms: None,
@@ -25,6 +27,10 @@ impl Live {
     }
 }
 
+fn live_attempts(live: &HashMap<CommandId, Live>, id: &CommandId) -> u32 {
+    live.get(id).map_or(0, |l| l.attempts)
+}
+
 const QUARANTINED: &str = "disconnects are quarantined until an operator lifts the quarantine";
 
 impl Engine {
@@ -38,6 +44,7 @@ impl Engine {
             slots: HashMap::new(),
             timers: BTreeSet::new(),
             cleared: HashMap::new(),
+            links: HashMap::new(),
         }
     }
 
@@ -207,19 +214,21 @@ impl Engine {
             || self.slots.get(&l.cmd.meter).is_some_and(|s| s.current.as_ref() == Some(id))
     }
 
-    /// Run the gates and, if they pass, start an attempt.
+    /// Run the gates and, if they pass and the link is free, start an attempt; with the
+    /// link busy, queue it there (the gates run again when the link frees).
     pub(super) fn dispatch(&mut self, id: &CommandId, now: i64, out: &mut Vec<Output>) {
         let Some(live) = self.live.get(id) else { return };
-        if live.running.is_some() {
+        if live.running.is_some() || live.queued {
             return;
         }
         let meter = live.cmd.meter.clone();
         if live.needs_verify {
             // Before expiry too: whether the relay moved must be known before giving up.
-            let attempt = live.attempts;
-            if let Some(l) = self.live.get_mut(id) {
-                l.running = Some((attempt, Op::VerifyRelay));
+            if !self.take_link(id, now) {
+                return;
             }
+            let attempt = live_attempts(&self.live, id);
+            self.start_attempt(id, attempt, Op::VerifyRelay, now);
             out.push(Output::Execute(Execution { command: id.clone(), meter, attempt, op: Op::VerifyRelay }));
             return;
         }
@@ -275,13 +284,16 @@ impl Engine {
                 return self.defer(id, slot, now, out);
             }
         }
+        if !self.take_link(id, now) {
+            return;
+        }
         let Some(l) = self.live.get_mut(id) else { return };
         l.booked_ms = None;
         l.attempts += 1;
-        l.running = Some((l.attempts, op));
         l.wake_ms = None;
         l.not_before_ms = None;
         let attempt = l.attempts;
+        self.start_attempt(id, attempt, op, now);
         self.emit(id, Status::Executing, now, Extra::default(), out);
         out.push(Output::Execute(Execution { command: id.clone(), meter, attempt, op }));
     }
@@ -308,14 +320,124 @@ impl Engine {
         self.finish(id, Status::Failed, now, Extra { error: Some(e), ..Extra::default() }, out);
     }
 
-    fn on_executed(&mut self, id: &CommandId, attempt: u32, outcome: Outcome, now: i64, out: &mut Vec<Output>) {
+    /// The link a command runs or waits on (None: its meter left the registry; it then
+    /// takes no turn).
+    fn link_of(&self, id: &CommandId) -> Option<String> {
+        let l = self.live.get(id)?;
+        self.registry.meter(&l.cmd.meter).map(|e| e.channel.clone())
+    }
+
+    /// True when `id` may start an attempt now: its link is free and nobody waits there
+    /// before it. Otherwise it is queued on the link (reconnects first).
+    fn take_link(&mut self, id: &CommandId, _now: i64) -> bool {
+        let Some(link) = self.link_of(id) else { return true };
+        let reconnect = self.live.get(id).is_some_and(|l| l.cmd.request.action == Action::Reconnect);
+        let turn = self.links.entry(link).or_default();
+        if turn.busy.is_none() && turn.first.is_empty() && turn.rest.is_empty() {
+            turn.busy = Some(id.clone());
+            return true;
+        }
+        if turn.busy.as_ref() == Some(id) {
+            return true;
+        }
+        if reconnect {
+            turn.first.push_back(id.clone());
+        } else {
+            turn.rest.push_back(id.clone());
+        }
+        if let Some(l) = self.live.get_mut(id) {
+            l.queued = true;
+        }
+        false
+    }
+
+    fn start_attempt(&mut self, id: &CommandId, attempt: u32, op: Op, now: i64) {
+        let deadline = now.saturating_add(secs_ms(self.cfg.attempt_timeout_s));
+        if let Some(l) = self.live.get_mut(id) {
+            l.running = Some((attempt, op));
+            l.deadline_ms = Some(deadline);
+        }
+        self.timers.insert((deadline, id.clone()));
+    }
+
+    /// The link is free: start the first waiting command whose gates still pass (each is
+    /// checked now: expired, superseded, voided by a payment, outside the window).
+    fn pump(&mut self, link: &str, now: i64, out: &mut Vec<Output>) {
+        loop {
+            let Some(turn) = self.links.get_mut(link) else { return };
+            if turn.busy.is_some() {
+                return;
+            }
+            let Some(id) = turn.first.pop_front().or_else(|| turn.rest.pop_front()) else {
+                self.links.remove(link);
+                return;
+            };
+            let Some(l) = self.live.get_mut(&id) else { continue };
+            if !l.queued {
+                continue;
+            }
+            l.queued = false;
+            // Its turn on the link; whether it is still its meter's turn is checked too
+            // (a newer intent may have taken over, then it is dispatched as that one).
+            if self.is_turn(&id) {
+                if let Some(t) = self.links.get_mut(link) {
+                    t.busy = Some(id.clone());
+                }
+                self.dispatch(&id, now, out);
+                // The gates may have deferred or ended it: the link is free again.
+                let started = self.live.get(&id).is_some_and(|l| l.running.is_some());
+                if !started {
+                    if let Some(t) = self.links.get_mut(link) {
+                        if t.busy.as_ref() == Some(&id) {
+                            t.busy = None;
+                        }
+                    }
+                }
+            }
+        }
+    }
+
+    /// Commands waiting for their link (for tests and metrics).
+    pub fn queued_on_links(&self) -> usize {
+        self.live.values().filter(|l| l.queued).count()
+    }
+
+    pub(super) fn on_executed(
+        &mut self,
+        id: &CommandId,
+        attempt: u32,
+        outcome: Outcome,
+        now: i64,
+        out: &mut Vec<Output>,
+    ) {
+        let ends = self.live.get(id).is_some_and(|l| matches!(l.running, Some((a, _)) if a == attempt));
+        if !ends {
+            // A late answer to an attempt already given up on.
+            return;
+        }
+        let link = self.link_of(id);
+        if let Some(turn) = link.as_ref().and_then(|k| self.links.get_mut(k)) {
+            if turn.busy.as_ref() == Some(id) {
+                turn.busy = None;
+            }
+        }
+        self.on_answer(id, attempt, outcome, now, out);
+        if let Some(link) = link {
+            self.pump(&link, now, out);
+        }
+    }
+
+    fn on_answer(&mut self, id: &CommandId, attempt: u32, outcome: Outcome, now: i64, out: &mut Vec<Output>) {
         let Some(l) = self.live.get_mut(id) else { return };
         let op = match l.running {
             Some((a, op)) if a == attempt => op,
-            // A late answer to an attempt already given up on.
             _ => return,
         };
         l.running = None;
+        if let Some(d) = l.deadline_ms.take() {
+            self.timers.remove(&(d, id.clone()));
+        }
+        let Some(l) = self.live.get_mut(id) else { return };
         let meter = l.cmd.meter.clone();
         match (op, outcome) {
             (Op::VerifyRelay, Outcome::Relay(state)) => {
@@ -433,8 +555,15 @@ impl Engine {
         }
         for id in due {
             let Some(l) = self.live.get_mut(&id) else { continue };
-            if l.running.is_some() {
-                // Expiry during an attempt: the attempt's end decides.
+            if let Some((attempt, _)) = l.running {
+                // Expiry during an attempt: the attempt's end decides. No answer by the
+                // attempt's deadline (the channel died or hangs): it failed on the link.
+                if l.deadline_ms.is_some_and(|d| d <= now) {
+                    let secs = self.cfg.attempt_timeout_s;
+                    let e = MeterError::Timeout(secs.saturating_mul(1000));
+                    tracing::warn!(command = %id, attempt, "no answer from the channel within {secs} s");
+                    self.on_executed(&id, attempt, Outcome::Error(e), now, out);
+                }
                 continue;
             }
             if now >= l.cmd.expires_ms && !l.needs_verify {
@@ -448,10 +577,11 @@ impl Engine {
         }
     }
 
-    fn on_payment(&mut self, payment: &Payment, received_ms: i64, now: i64, out: &mut Vec<Output>) {
+    pub(super) fn on_payment(&mut self, payment: &Payment, received_ms: i64, now: i64, out: &mut Vec<Output>) {
         if !payment.cleared {
             return;
         }
+        out.push(Output::Persist(Record::PaymentProcessed(payment.id.clone())));
         let confirmed = payment.confirmed_at.map_or(received_ms, Timestamp::unix_ms);
         let latest = self.cleared.entry(payment.account.clone()).or_insert(confirmed);
         *latest = (*latest).max(confirmed);

@@ -82,11 +82,19 @@ pub(super) fn accept_payment(c: &Connection, p: &Payment, received_ms: i64) -> R
         c.query_row("SELECT body FROM payments WHERE id = ?1", [p.id.as_str()], |r| r.get(0)).optional()?;
     let outcome = match stored {
         None => {
-            c.execute(
-                "INSERT INTO payments (id, account, cleared, confirmed_ms, received_ms, body)
-                 VALUES (?1, ?2, ?3, ?4, ?5, ?6)",
-                params![p.id.as_str(), p.account.as_str(), p.cleared, confirmed, received_ms, body],
-            )?;
+            // A cleared payment is unprocessed until the engine's records for it commit.
+            c.prepare_cached(
+                "INSERT INTO payments (id, account, cleared, confirmed_ms, received_ms, body, processed)
+                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, NOT ?3)",
+            )?
+            .execute(params![
+                p.id.as_str(),
+                p.account.as_str(),
+                p.cleared,
+                confirmed,
+                received_ms,
+                body
+            ])?;
             PaymentAccepted::New
         }
         Some(old) => {
@@ -98,7 +106,7 @@ pub(super) fn accept_payment(c: &Connection, p: &Payment, received_ms: i64) -> R
                 return Ok(PaymentAccepted::Duplicate);
             } else if !old.cleared && p.cleared && &upgraded == p {
                 c.execute(
-                    "UPDATE payments SET cleared = 1, confirmed_ms = ?2, body = ?3 WHERE id = ?1",
+                    "UPDATE payments SET cleared = 1, confirmed_ms = ?2, body = ?3, processed = 0 WHERE id = ?1",
                     params![p.id.as_str(), confirmed, body],
                 )?;
                 PaymentAccepted::NowCleared
@@ -165,6 +173,9 @@ pub(super) fn apply(c: &Connection, rec: &Record) -> Result<(), JournalError> {
                 "INSERT INTO events (at_ms, kind, meter, reason, detail) VALUES (?1, 'meter', ?2, ?3, ?4)",
                 params![at, m.meter.as_str(), m.cut_reason.map(Reason::as_str), detail.to_string()],
             )?;
+        }
+        Record::PaymentProcessed(id) => {
+            c.prepare_cached("UPDATE payments SET processed = 1 WHERE id = ?1")?.execute([id.as_str()])?;
         }
         Record::Quarantine(ev) => {
             let (at, name, operator) = match ev {
@@ -275,6 +286,21 @@ pub(super) fn latest_cleared(
     for row in rows {
         let (a, t) = row?;
         out.push((AccountId::new(&a).map_err(|e| corrupt(format!("payment account: {e}")))?, t));
+    }
+    Ok(out)
+}
+
+/// Cleared payments whose reconnects were never committed, in arrival order, with when
+/// they arrived.
+pub(super) fn unprocessed_payments(c: &Connection) -> Result<Vec<(Payment, i64)>, JournalError> {
+    let mut st =
+        c.prepare("SELECT id, body, received_ms FROM payments WHERE cleared = 1 AND processed = 0 ORDER BY rowid")?;
+    let rows = st.query_map([], |r| Ok((r.get::<_, String>(0)?, r.get::<_, String>(1)?, r.get::<_, i64>(2)?)))?;
+    let mut out = Vec::new();
+    for row in rows {
+        let (id, body, received_ms) = row?;
+        let p = Payment::parse(body.as_bytes()).map_err(|e| corrupt(format!("payment {id}: {e}")))?;
+        out.push((p, received_ms));
     }
     Ok(out)
 }
