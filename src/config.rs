@@ -17,6 +17,7 @@ use crate::collect::CollectionConfig;
 use crate::command::CommandsConfig;
 use crate::contract::AccountId;
 use crate::meter::MeterId;
+use crate::mqtt::Protocol;
 use crate::policy::{PolicyConfig, Protection};
 use crate::secrets::{KeyFileError, MeterKeys};
 pub use checks::BAUD_RATES;
@@ -253,6 +254,46 @@ pub struct MqttConfig {
     /// Port of the embedded broker when no `broker` is set (0: any free port).
     #[serde(default = "default_embedded_port")]
     pub embedded_port: u16,
+    /// MQTT version spoken to the broker: "3.1.1" (default) or "5".
+    #[serde(default)]
+    pub protocol: Protocol,
+    /// MQTT 5: how long the broker keeps the daemon's session (subscriptions, commands
+    /// and payments queued) after a disconnection, s; default: never expires, as a
+    /// 3.1.1 persistent session.
+    #[serde(default)]
+    pub session_expiry_s: Option<u32>,
+}
+
+impl MqttConfig {
+    /// What is wrong in [mqtt], each with what to write instead.
+    pub fn problems(&self) -> Vec<String> {
+        let mut out = Vec::new();
+        match (self.protocol, self.session_expiry_s) {
+            (Protocol::V311, Some(_)) => out.push(
+                "[mqtt] session_expiry_s is an MQTT 5 setting (a 3.1.1 session is kept until the broker drops it): \
+                 set protocol = \"5\" or remove it"
+                    .to_owned(),
+            ),
+            (Protocol::V5, Some(0)) => out.push(
+                "[mqtt] session_expiry_s = 0 ends the session with the connection, so commands and payments \
+                 published while the daemon is down are lost: remove it (never expires) or give seconds, e.g. 604800"
+                    .to_owned(),
+            ),
+            _ => {}
+        }
+        if self.username.is_none() && self.password_file.is_some() {
+            out.push("[mqtt] password_file without username: add username = \"...\"".to_owned());
+        }
+        if let Some(b) = &self.broker {
+            if b.contains('@') {
+                // Not echoed: it would carry a password.
+                out.push("[mqtt] broker must not carry credentials: set username and password_file instead".to_owned());
+            } else if let Err(e) = crate::mqtt::BrokerUrl::parse(b) {
+                out.push(format!("[mqtt] {e}"));
+            }
+        }
+        out
+    }
 }
 
 impl Default for MqttConfig {
@@ -265,6 +306,8 @@ impl Default for MqttConfig {
             password_file: None,
             ca_file: None,
             embedded_port: default_embedded_port(),
+            protocol: Protocol::default(),
+            session_expiry_s: None,
         }
     }
 }
@@ -485,6 +528,7 @@ impl SiteConfig {
     pub fn problems(&self) -> Problems {
         let mut out = Problems::default();
         checks::registry(self, &mut out);
+        out.extend(self.mqtt.problems());
         out.extend(self.policy.problems());
         out.extend(self.commands.problems());
         out.extend(self.collection.problems());
@@ -616,5 +660,33 @@ mod tests {
     fn bad_ids_are_refused() {
         let err = SiteConfig::parse("[[meter]]\nid = \"no spaces\"\nlink = \"x\"\n").expect_err("bad id");
         assert!(err.contains("invalid id"), "{err}");
+    }
+
+    #[test]
+    fn mqtt_protocol_defaults_to_311_and_5_takes_a_session_expiry() {
+        let cfg = SiteConfig::parse("[mqtt]\nbroker = \"mqtt://b:1883\"\n").expect("parses");
+        assert_eq!(cfg.mqtt.protocol, Protocol::V311);
+        assert_eq!(cfg.mqtt.session_expiry_s, None);
+        assert!(cfg.problems().is_empty(), "{:?}", cfg.problems());
+        let cfg = SiteConfig::parse("[mqtt]\nprotocol = \"5\"\nsession_expiry_s = 86400\n").expect("parses");
+        assert_eq!((cfg.mqtt.protocol, cfg.mqtt.session_expiry_s), (Protocol::V5, Some(86_400)));
+        assert!(cfg.problems().is_empty(), "{:?}", cfg.problems());
+    }
+
+    #[test]
+    fn mqtt_problems_say_what_to_write() {
+        let err = SiteConfig::parse("[mqtt]\nprotocol = \"3.1\"\n").expect_err("no such version");
+        assert!(err.contains("line 2") && err.contains(r#"protocol = "3.1.1" or protocol = "5""#), "{err}");
+        let problems = |text: &str| SiteConfig::parse(text).expect("parses").problems().join("\n");
+        let p = problems("[mqtt]\nsession_expiry_s = 60\n");
+        assert!(p.contains("MQTT 5 setting") && p.contains(r#"protocol = "5""#), "{p}");
+        let p = problems("[mqtt]\nprotocol = \"5\"\nsession_expiry_s = 0\n");
+        assert!(p.contains("session_expiry_s = 0") && p.contains("lost"), "{p}");
+        let p = problems("[mqtt]\npassword_file = \"pw\"\n");
+        assert!(p.contains("without username"), "{p}");
+        let p = problems("[mqtt]\nbroker = \"tcp://b:1883\"\n");
+        assert!(p.contains("expected mqtt://host:port"), "{p}");
+        let p = problems("[mqtt]\nbroker = \"mqtt://u:hunter2@b:1883\"\n");
+        assert!(p.contains("must not carry credentials") && !p.contains("hunter2"), "{p}");
     }
 }

@@ -12,7 +12,6 @@ use std::collections::HashMap;
 use std::sync::Arc;
 use std::time::Duration;
 
-use rumqttc::{AsyncClient, Event, Packet, Publish, QoS};
 use serde::Serialize;
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
@@ -29,7 +28,7 @@ use crate::dlms::counter::CounterStore;
 use crate::driver::Driver;
 use crate::journal::{Accepted, Journal, PaymentAccepted};
 use crate::meter::MeterId;
-use crate::mqtt::{self, BrokerUrl};
+use crate::mqtt::{self, BrokerUrl, Client, Event, Message, QoS, Session};
 use crate::policy::Registry;
 use crate::time::Clock;
 
@@ -62,7 +61,7 @@ pub struct DaemonOptions {
 
 enum FromBroker {
     Connected,
-    Publish(Publish),
+    Publish(Message),
 }
 
 struct Daemon {
@@ -71,7 +70,7 @@ struct Daemon {
     clock: Arc<dyn Clock>,
     journal: Journal,
     engine: Engine,
-    client: AsyncClient,
+    client: Client,
     channels: HashMap<String, ChannelHandle>,
     meter_link: HashMap<MeterId, String>,
     answers: mpsc::UnboundedSender<Input>,
@@ -139,7 +138,8 @@ pub async fn run(site: SiteConfig, opts: DaemonOptions, shutdown: CancellationTo
     let url = match opts.broker.clone().or_else(|| site.mqtt.broker.clone()) {
         Some(u) => BrokerUrl::parse(&u).map_err(|e| setup(e.to_string()))?,
         None => {
-            let port = mqtt::start_embedded(site.mqtt.embedded_port).map_err(|e| setup(e.to_string()))?;
+            let port = mqtt::start_embedded_with(site.mqtt.embedded_port, site.mqtt.protocol)
+                .map_err(|e| setup(e.to_string()))?;
             tracing::info!(port, "no broker configured: embedded broker on 127.0.0.1");
             BrokerUrl { host: "127.0.0.1".into(), port, tls: false }
         }
@@ -150,10 +150,11 @@ pub async fn run(site: SiteConfig, opts: DaemonOptions, shutdown: CancellationTo
     let mut mqtt_opts =
         mqtt::options(&site.mqtt, &url, &client_id, Some(will), &site.base_dir).map_err(|e| setup(e.to_string()))?;
     // A persistent session: commands published while the daemon is down wait at the broker.
-    mqtt_opts.set_clean_session(false);
+    mqtt_opts.set_session(Session::Persistent);
     mqtt_opts.set_manual_acks(true);
     mqtt_opts.set_inflight(100);
-    let (client, mut eventloop) = AsyncClient::new(mqtt_opts, 1024);
+    tracing::info!(protocol = %mqtt_opts.protocol(), host = %url.host, port = url.port, tls = url.tls, "broker");
+    let (client, mut eventloop) = mqtt::connect(mqtt_opts, 1024);
     // Readings go over a connection of their own (see `collect::outbox`).
     let collect_stop = CancellationToken::new();
     let mut collection = match lanes {
@@ -183,15 +184,17 @@ pub async fn run(site: SiteConfig, opts: DaemonOptions, shutdown: CancellationTo
                 e = eventloop.poll() => e,
             };
             match event {
-                Ok(Event::Incoming(Packet::ConnAck(_))) => {
+                Event::Connected { session_present } => {
                     backoff = Duration::from_millis(100);
+                    // Without a resumed session, whatever was published for us while we were
+                    // away (and our subscriptions) is gone at the broker: say so.
+                    tracing::info!(session_present, "connected to the broker");
                     let _ = from_broker_tx.send(FromBroker::Connected);
                 }
-                Ok(Event::Incoming(Packet::Publish(p))) => {
-                    let _ = from_broker_tx.send(FromBroker::Publish(p));
+                Event::Message(m) => {
+                    let _ = from_broker_tx.send(FromBroker::Publish(m));
                 }
-                Ok(_) => {}
-                Err(e) => {
+                Event::Disconnected(e) => {
                     tracing::warn!(error = %e, "broker connection lost; reconnecting");
                     tokio::select! {
                         _ = poll_stop.cancelled() => break,
@@ -199,6 +202,7 @@ pub async fn run(site: SiteConfig, opts: DaemonOptions, shutdown: CancellationTo
                     }
                     backoff = (backoff * 2).min(Duration::from_secs(5));
                 }
+                _ => {}
             }
         }
     });
@@ -372,13 +376,13 @@ impl Daemon {
         self.clock.now_ms()
     }
 
-    async fn ack(&self, p: &Publish) {
-        if let Err(e) = self.client.ack(p).await {
+    async fn ack(&self, p: &Message) {
+        if let Err(e) = self.client.ack(&p.ack).await {
             tracing::warn!(error = %e, "ack");
         }
     }
 
-    async fn on_publish(&mut self, p: Publish) -> Result<(), DaemonError> {
+    async fn on_publish(&mut self, p: Message) -> Result<(), DaemonError> {
         let topic = p.topic.clone();
         match self.topics.parse_inbound(&topic) {
             Some(Inbound::Command(meter)) => self.on_command(Some(meter), &topic, &p).await?,
@@ -393,7 +397,7 @@ impl Daemon {
         Ok(())
     }
 
-    async fn on_command(&mut self, meter: Option<MeterId>, topic: &str, p: &Publish) -> Result<(), DaemonError> {
+    async fn on_command(&mut self, meter: Option<MeterId>, topic: &str, p: &Message) -> Result<(), DaemonError> {
         let now = self.now();
         let raw_meter = topic.rsplit('/').next().unwrap_or_default().to_owned();
         // `pay:` ids are the daemon's own (payment-driven reconnects): a caller taking one
@@ -454,7 +458,7 @@ impl Daemon {
         Ok(())
     }
 
-    async fn on_payment(&mut self, p: &Publish) -> Result<(), DaemonError> {
+    async fn on_payment(&mut self, p: &Message) -> Result<(), DaemonError> {
         let now = self.now();
         let mut outcome = PaymentOutcome {
             id: None,
@@ -519,7 +523,7 @@ impl Daemon {
         format!("{}/admin/lift-quarantine", self.topics.prefix())
     }
 
-    async fn on_lift_quarantine(&mut self, p: &Publish) -> Result<(), DaemonError> {
+    async fn on_lift_quarantine(&mut self, p: &Message) -> Result<(), DaemonError> {
         #[derive(serde::Deserialize)]
         struct Lift {
             by: String,

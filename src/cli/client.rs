@@ -25,7 +25,6 @@ use std::process::ExitCode;
 use std::time::Duration;
 
 use clap::{ArgAction, Args};
-use rumqttc::MqttOptions;
 use serde_json::json;
 use tokio::time::Instant;
 
@@ -34,7 +33,7 @@ use headend::contract::{
     Action, CommandId, CommandRequest, Override, Reason, ResultMessage, Status, Supersessor, Timestamp, Topics,
 };
 use headend::meter::MeterId;
-use headend::mqtt::{self, BrokerUrl};
+use headend::mqtt::{self, BrokerUrl, ConnectOptions, Session};
 use headend::time::{Clock, SystemClock};
 
 use link::Link;
@@ -268,7 +267,7 @@ impl Out {
 
 /// What a verb needs to reach the daemon.
 struct Settings {
-    options: MqttOptions,
+    options: ConnectOptions,
     topics: Topics,
     timeout: Duration,
 }
@@ -314,14 +313,14 @@ fn settings(c: &Common) -> Result<Settings, String> {
     Ok(Settings { options: client_options(&mqtt_cfg, &broker, &base_dir)?, topics, timeout })
 }
 
-fn client_options(cfg: &MqttConfig, broker: &BrokerUrl, base_dir: &Path) -> Result<MqttOptions, String> {
+fn client_options(cfg: &MqttConfig, broker: &BrokerUrl, base_dir: &Path) -> Result<ConnectOptions, String> {
     // Our own client id, never [mqtt] client_id: that one is the daemon's, and a broker
     // drops the older connection when a client id connects twice. 20 characters, inside
     // MQTT 3.1.1's guaranteed 23.
     let client_id = format!("headend-cli-{:08x}", rand::random::<u32>());
     let mut o = mqtt::options(cfg, broker, &client_id, None, base_dir).map_err(|e| e.to_string())?;
     // A clean session: a one-shot client must not leave a session behind on the broker.
-    o.set_clean_session(true);
+    o.set_session(Session::Clean);
     Ok(o)
 }
 

@@ -22,7 +22,6 @@ pub mod schedule;
 use std::collections::HashMap;
 use std::sync::Arc;
 
-use rumqttc::MqttOptions;
 use tokio::sync::{mpsc, Notify, Semaphore};
 use tokio_util::sync::CancellationToken;
 
@@ -112,7 +111,7 @@ pub struct StartArgs<'a> {
     /// The head-end's clock.
     pub clock: Arc<dyn Clock>,
     /// Options for the readings connection.
-    pub mqtt: MqttOptions,
+    pub mqtt: crate::mqtt::ConnectOptions,
     /// The topics.
     pub topics: Topics,
 }

@@ -3,7 +3,7 @@
 //!
 //! Readings have their own MQTT connection (client id `{client_id}-readings`), so that a
 //! back-log of readings never queues in front of command results, and so that every
-//! outgoing publish on it is a batch: rumqttc reports `Outgoing::Publish(pkid)` in the
+//! outgoing publish on it is a batch: the event loop reports `Event::Sent(pkid)` in the
 //! order publishes were queued, which binds each batch to its packet id, and the PUBACK
 //! with that id deletes it. The session is clean and rumqttc never resends on its own:
 //! when the connection drops, the event-loop task stops, tells the publisher (which takes
@@ -18,7 +18,7 @@ use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::Duration;
 
-use rumqttc::{AsyncClient, Event, EventLoop, MqttOptions, Outgoing, Packet, QoS};
+use crate::mqtt::{self, Client, ConnectOptions, Event, EventLoop, QoS, Session};
 use tokio::sync::{mpsc, oneshot, Notify};
 use tokio_util::sync::CancellationToken;
 
@@ -99,7 +99,7 @@ impl Correlator {
 /// Start the readings connection and its publisher. `wake` is notified after every
 /// stored batch.
 pub fn spawn(
-    options: MqttOptions,
+    options: ConnectOptions,
     journal: Journal,
     topics: Topics,
     metrics: Arc<Metrics>,
@@ -107,9 +107,9 @@ pub fn spawn(
     shutdown: CancellationToken,
 ) -> tokio::task::JoinHandle<()> {
     let mut options = options;
-    options.set_clean_session(true);
+    options.set_session(Session::Clean);
     options.set_inflight(u16::try_from(WINDOW * 2).unwrap_or(u16::MAX));
-    let (client, eventloop) = AsyncClient::new(options, WINDOW * 2);
+    let (client, eventloop) = mqtt::connect(options, WINDOW * 2);
     let (net_tx, net_rx) = mpsc::unbounded_channel();
     let poller = tokio::spawn(poll(eventloop, net_tx, shutdown.clone()));
     let publisher = Publisher {
@@ -138,18 +138,17 @@ async fn poll(mut eventloop: EventLoop, tx: mpsc::UnboundedSender<Net>, stop: Ca
             e = eventloop.poll() => e,
         };
         match event {
-            Ok(Event::Incoming(Packet::ConnAck(_))) => {
+            Event::Connected { .. } => {
                 backoff = Duration::from_millis(100);
                 let _ = tx.send(Net::Up);
             }
-            Ok(Event::Outgoing(Outgoing::Publish(pkid))) => {
+            Event::Sent(pkid) => {
                 let _ = tx.send(Net::Sent(pkid));
             }
-            Ok(Event::Incoming(Packet::PubAck(ack))) => {
-                let _ = tx.send(Net::Acked(ack.pkid));
+            Event::PubAck(pkid) => {
+                let _ = tx.send(Net::Acked(pkid));
             }
-            Ok(_) => {}
-            Err(e) => {
+            Event::Disconnected(e) => {
                 tracing::warn!(error = %e, "readings connection lost; reconnecting");
                 let (done_tx, done_rx) = oneshot::channel();
                 if tx.send(Net::Down(done_tx)).is_err() {
@@ -159,14 +158,14 @@ async fn poll(mut eventloop: EventLoop, tx: mpsc::UnboundedSender<Net>, stop: Ca
                 // before this point may go out again by rumqttc's hand: the publisher
                 // sends it again itself, in order.
                 let _ = done_rx.await;
-                eventloop.clean();
-                eventloop.pending.clear();
+                eventloop.forget_pending();
                 tokio::select! {
                     _ = stop.cancelled() => break,
                     _ = tokio::time::sleep(backoff) => {}
                 }
                 backoff = (backoff * 2).min(Duration::from_secs(5));
             }
+            Event::Message(_) | Event::Subscribed { .. } | Event::DisconnectSent => {}
         }
     }
 }
@@ -174,7 +173,7 @@ async fn poll(mut eventloop: EventLoop, tx: mpsc::UnboundedSender<Net>, stop: Ca
 struct Publisher {
     journal: Journal,
     topics: Topics,
-    client: AsyncClient,
+    client: Client,
     metrics: Arc<Metrics>,
     connected: bool,
     /// Loaded from the journal, not yet published, in store order.

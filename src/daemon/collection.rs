@@ -2,11 +2,10 @@
 //! about each meter (newest reading, clock drift, contact) for `state/{meter}`, and the
 //! allocator settings that keep a large fleet's footprint small.
 
-use rumqttc::Publish;
-
 use super::Daemon;
 use crate::collect::{CollectCommand, CollectNote};
 use crate::meter::MeterId;
+use crate::mqtt::Message;
 
 impl Daemon {
     /// `{p}/admin/collect` (an extension): `{}` collects every meter now, up to the
@@ -15,7 +14,7 @@ impl Daemon {
         format!("{}/admin/collect", self.topics.prefix())
     }
 
-    pub(super) fn on_collect_now(&self, p: &Publish) {
+    pub(super) fn on_collect_now(&self, p: &Message) {
         #[derive(serde::Deserialize)]
         struct Now {
             #[serde(default)]

@@ -3,7 +3,7 @@
 use std::collections::VecDeque;
 use std::time::Duration;
 
-use rumqttc::{AsyncClient, Event, EventLoop, Outgoing, Packet, Publish, QoS, SubscribeReasonCode};
+use headend::mqtt::{self, Client, Event, EventLoop, Message, QoS};
 use tokio::time::{timeout_at, Instant};
 
 use super::Settings;
@@ -14,12 +14,12 @@ const RECONNECT_PAUSE: Duration = Duration::from_secs(1);
 
 /// One connection to the broker for one request: subscriptions first, then the publish.
 pub(super) struct Link {
-    client: AsyncClient,
+    client: Client,
     events: EventLoop,
     filters: Vec<String>,
     topic: String,
     payload: String,
-    inbox: VecDeque<Publish>,
+    inbox: VecDeque<Message>,
     /// SUBACKs still due on the current connection; the publish waits for all of them.
     subacks_due: usize,
     published: bool,
@@ -39,7 +39,7 @@ impl Link {
         payload: String,
         until: Instant,
     ) -> Result<Self, String> {
-        let (client, events) = AsyncClient::new(s.options.clone(), 16);
+        let (client, events) = mqtt::connect(s.options.clone(), 16);
         let mut link = Self {
             client,
             events,
@@ -60,15 +60,17 @@ impl Link {
                     return Err("the broker did not acknowledge the request in time: it may or may not have been delivered; re-run with the same --id (safe)".into());
                 }
                 Err(_) => return Err("no connection to the broker in time; nothing was sent".into()),
-                Ok(Err(e)) if connected => {
+                Ok(Event::Disconnected(e)) if connected => {
                     return Err(format!(
                         "lost the broker before it acknowledged the request ({e}); re-run with the same --id (safe)"
                     ));
                 }
-                Ok(Err(e)) => return Err(format!("cannot connect to the broker: {e}; nothing was sent")),
-                Ok(Ok(ev)) => ev,
+                Ok(Event::Disconnected(e)) => {
+                    return Err(format!("cannot connect to the broker: {e}; nothing was sent"))
+                }
+                Ok(ev) => ev,
             };
-            connected |= matches!(event, Event::Incoming(Packet::ConnAck(_)));
+            connected |= matches!(event, Event::Connected { .. });
             link.handle(event)?;
         }
         Ok(link)
@@ -76,7 +78,7 @@ impl Link {
 
     fn handle(&mut self, event: Event) -> Result<(), String> {
         match event {
-            Event::Incoming(Packet::ConnAck(_)) => {
+            Event::Connected { .. } => {
                 // Every connection is a new session: subscribe (again) before publishing (again).
                 self.warned = false;
                 self.subacks_due = self.filters.len();
@@ -86,8 +88,8 @@ impl Link {
                     self.client.try_subscribe(f.clone(), QoS::AtLeastOnce).map_err(|e| e.to_string())?;
                 }
             }
-            Event::Incoming(Packet::SubAck(ack)) => {
-                if ack.return_codes.iter().any(|c| matches!(c, SubscribeReasonCode::Failure)) {
+            Event::Subscribed { granted } => {
+                if !granted {
                     return Err("the broker refused to subscribe us to the answer topics (not authorised?)".into());
                 }
                 self.subacks_due = self.subacks_due.saturating_sub(1);
@@ -99,9 +101,9 @@ impl Link {
                     self.published = true;
                 }
             }
-            Event::Outgoing(Outgoing::Publish(pkid)) if self.published && self.pkid.is_none() => self.pkid = Some(pkid),
-            Event::Incoming(Packet::PubAck(ack)) if Some(ack.pkid) == self.pkid => self.acked = true,
-            Event::Incoming(Packet::Publish(p)) => self.inbox.push_back(p),
+            Event::Sent(pkid) if self.published && self.pkid.is_none() => self.pkid = Some(pkid),
+            Event::PubAck(pkid) if Some(pkid) == self.pkid => self.acked = true,
+            Event::Message(p) => self.inbox.push_back(p),
             _ => {}
         }
         Ok(())
@@ -110,19 +112,14 @@ impl Link {
     /// The next message on our subscriptions, or None at `until`. A lost connection is
     /// made again, subscribed again and the request published again: the same id makes
     /// the daemon answer with its latest status, so a final status is not missed.
-    pub(super) async fn next(&mut self, until: Instant) -> Option<Publish> {
+    pub(super) async fn next(&mut self, until: Instant) -> Option<Message> {
         loop {
             if let Some(p) = self.inbox.pop_front() {
                 return Some(p);
             }
             match timeout_at(until, self.events.poll()).await {
                 Err(_) => return None,
-                Ok(Ok(event)) => {
-                    if let Err(e) = self.handle(event) {
-                        eprintln!("warning: {e}");
-                    }
-                }
-                Ok(Err(e)) => {
+                Ok(Event::Disconnected(e)) => {
                     if !self.warned {
                         eprintln!("warning: connection to the broker lost ({e}); reconnecting");
                         self.warned = true;
@@ -130,6 +127,11 @@ impl Link {
                     // poll() reconnects at once; pace the attempts while the broker is away.
                     if timeout_at(until, tokio::time::sleep(RECONNECT_PAUSE)).await.is_err() {
                         return None;
+                    }
+                }
+                Ok(event) => {
+                    if let Err(e) = self.handle(event) {
+                        eprintln!("warning: {e}");
                     }
                 }
             }
@@ -140,7 +142,7 @@ impl Link {
     pub(super) async fn close(mut self) {
         if self.client.try_disconnect().is_ok() {
             let _ = tokio::time::timeout(Duration::from_millis(500), async {
-                while !matches!(self.events.poll().await, Ok(Event::Outgoing(Outgoing::Disconnect)) | Err(_)) {}
+                while !matches!(self.events.poll().await, Event::DisconnectSent | Event::Disconnected(_)) {}
             })
             .await;
         }
