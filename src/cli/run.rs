@@ -64,7 +64,7 @@ async fn reload_on_sighup(path: PathBuf, tx: tokio::sync::mpsc::UnboundedSender<
                         return;
                     }
                 }
-                Err(e) => tracing::error!(error = %e, "SIGHUP: configuration refused; keeping the running one"),
+                Err(e) => headend::observe::config_refused(&e),
             }
         }
     }
