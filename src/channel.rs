@@ -184,7 +184,7 @@ impl Actor {
     /// off between ACTION and read-back.
     async fn serve(&mut self, work: Execution) {
         let outcome = self.execute(&work).await;
-        crate::observe::control_exchange(self.link.protocol, &outcome);
+        crate::observe::control_exchange(self.link.protocol, &work, &outcome);
         let _ = self.answers.send(Input::Executed { command: work.command, attempt: work.attempt, outcome });
     }
 

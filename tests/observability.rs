@@ -215,3 +215,29 @@ async fn bad_requests_get_an_answer_or_a_close_and_never_stop_the_endpoints() {
     assert_eq!((code, head.as_str()), (200, ""));
     assert_eq!(get(addr, "/metrics").await.0, 200);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn json_logs_follow_a_command_in_its_span() {
+    let rig = Rig::start("jsonlog", false).await;
+    let daemon = DaemonProcess::start_with(&rig.config, &["--broker", &rig.broker.url(), "--log-format", "json"]);
+    let obs = rig.observer("obs-jsonlog").await;
+    obs.publish(&rig.cmd("A"), r#"{"id":"j1","action":"read"}"#).await;
+    assert_eq!(obs.final_status("j1", 15).await["status"], "succeeded");
+    // The final status is logged before it is published.
+    let log = daemon.log_text();
+    let lines: Vec<serde_json::Value> =
+        log.lines().map(|l| serde_json::from_str(l).unwrap_or_else(|e| panic!("not JSON ({e}): {l}"))).collect();
+    let in_command = |l: &&serde_json::Value| {
+        l["spans"]
+            .as_array()
+            .is_some_and(|s| s.iter().any(|s| s["name"] == "command" && s["id"] == "j1" && s["meter"] == "A"))
+    };
+    let mine: Vec<&serde_json::Value> = lines.iter().filter(in_command).collect();
+    let statuses: Vec<&str> = mine
+        .iter()
+        .filter(|l| l["fields"]["message"] == "command status")
+        .filter_map(|l| l["fields"]["status"].as_str())
+        .collect();
+    assert_eq!(statuses, ["accepted", "executing", "succeeded"], "{log}");
+    assert!(mine.iter().any(|l| l["fields"]["message"] == "exchange done"), "{log}");
+}

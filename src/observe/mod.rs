@@ -173,9 +173,18 @@ pub fn exchange(protocol: LinkProtocol, error: Option<&MeterError>) {
     }
 }
 
-/// A control execution ended on a channel.
-pub fn control_exchange(protocol: LinkProtocol, outcome: &Outcome) {
-    exchange(protocol, if let Outcome::Error(e) = outcome { Some(e) } else { None });
+/// A control execution ended on a channel: counted, and logged in the command's span.
+pub fn control_exchange(protocol: LinkProtocol, work: &Execution, outcome: &Outcome) {
+    let error = if let Outcome::Error(e) = outcome { Some(e) } else { None };
+    exchange(protocol, error);
+    let span = commands().lock().ok().and_then(|m| m.get(work.command.as_str()).map(|t| t.span.clone()));
+    let span = span.unwrap_or_else(|| command_span(work.command.as_str(), work.meter.as_str(), "-"));
+    span.in_scope(|| match error {
+        None => tracing::info!(op = ?work.op, attempt = work.attempt, "exchange done"),
+        Some(e) => {
+            tracing::info!(op = ?work.op, attempt = work.attempt, kind = e.code(), error = %e, "exchange failed")
+        }
+    });
 }
 
 /// The command connection to the broker is up.
