@@ -307,8 +307,7 @@ pub async fn run(site: SiteConfig, opts: DaemonOptions, shutdown: CancellationTo
             tokio::time::timeout_at(deadline.min(tokio::time::Instant::now() + Duration::from_secs(5)), c.join()).await;
     }
     channel_stop.cancel();
-    let drained =
-        if result.is_ok() { d.drain_channels(&mut answers_rx, channel_tasks, deadline).await } else { Ok(()) };
+    let drained = d.drain_channels(&mut answers_rx, channel_tasks, deadline, result.is_ok()).await;
     d.go_offline(poller, poller_stop).await;
     observe::stop(endpoints).await;
     result.and(drained)

@@ -27,13 +27,15 @@ const GOODBYE: Duration = Duration::from_secs(3);
 
 impl Daemon {
     /// Wait for the channels to finish what they are executing, at most until `deadline`,
-    /// taking their answers through the engine. Nothing new is sent to a channel: an
-    /// execution the engine asks for now (a retry) stays in the journal for the restart.
+    /// taking their answers through the engine (unless the journal failed: then nothing
+    /// more is recorded, and the restart re-verifies). Nothing new is sent to a channel:
+    /// an execution the engine asks for now (a retry) stays in the journal for the restart.
     pub(super) async fn drain_channels(
         &mut self,
         answers: &mut mpsc::UnboundedReceiver<Input>,
         channel_tasks: Vec<JoinHandle<()>>,
         deadline: Instant,
+        journal_ok: bool,
     ) -> Result<(), DaemonError> {
         let all_stopped = async {
             for t in channel_tasks {
@@ -48,11 +50,11 @@ impl Daemon {
                     return Ok(());
                 }
                 _ = &mut all_stopped => break,
-                Some(input) = answers.recv() => self.take_answer(input).await?,
+                Some(input) = answers.recv(), if journal_ok => self.take_answer(input).await?,
             }
         }
         // The channels are gone: take what they answered last.
-        while let Ok(input) = answers.try_recv() {
+        while let Some(input) = answers.try_recv().ok().filter(|_| journal_ok) {
             self.take_answer(input).await?;
         }
         Ok(())
