@@ -193,6 +193,7 @@ impl Actor {
                 Outcome::Error(e)
             }
         };
+        crate::observe::control_exchange(self.link.protocol, &work, &outcome);
         let _ = self.answers.send(Input::Executed { command: work.command, attempt: work.attempt, outcome });
     }
 
@@ -244,7 +245,9 @@ impl Actor {
                 break;
             };
             let span = tracing::debug_span!("collect", meter = %meter_id);
-            match run.step(&mut meter.driver, link, &*lane.clock).instrument(span).await {
+            let step = run.step(&mut meter.driver, link, &*lane.clock).instrument(span).await;
+            crate::observe::exchange(self.link.protocol, step.as_ref().err());
+            match step {
                 Ok(()) => {
                     self.health.send_replace(LinkHealth::Up);
                 }
@@ -305,7 +308,7 @@ impl Actor {
         let (Some(link), Some(meter)) = (self.open.as_mut(), self.meters.get_mut(&work.meter)) else {
             return Outcome::Error(MeterError::Unreachable(self.link.name.clone()));
         };
-        let span = tracing::info_span!("exchange", command = %work.command, meter = %work.meter, op = ?work.op);
+        let span = crate::observe::exchange_span(work);
         let result = run_op(meter, link, work.op).instrument(span).await;
         match &result {
             Outcome::Error(e) if e.is_link_failure() => self.link_failed(&work.meter, e),

@@ -26,6 +26,10 @@ pub use diagnostics::{Diagnostic, KeyPath, Problem, Problems};
 /// Default time allowed for one exchange (request sent to complete answer).
 pub const DEFAULT_TIMEOUT_MS: u64 = 5000;
 
+fn default_drain_timeout_s() -> u64 {
+    20
+}
+
 /// The whole site configuration.
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -33,6 +37,10 @@ pub struct SiteConfig {
     /// Where state that must survive restarts lives; relative to the config file.
     #[serde(default)]
     pub state_dir: Option<PathBuf>,
+    /// On SIGTERM, how long (s) exchanges in progress may take to finish before the
+    /// daemon exits anyway; unfinished commands stay resumable in the journal.
+    #[serde(default = "default_drain_timeout_s")]
+    pub drain_timeout_s: u64,
     /// Physical links.
     #[serde(default, rename = "link")]
     pub links: Vec<LinkConfig>,
@@ -59,6 +67,9 @@ pub struct SiteConfig {
     /// Interval collection: schedules, catch-up, clock checks.
     #[serde(default)]
     pub collection: CollectionConfig,
+    /// `[observability]`: the HTTP endpoints (metrics, health).
+    #[serde(default)]
+    pub observability: crate::observe::ObservabilityConfig,
     /// The directory of the file this was loaded from (for relative paths).
     #[serde(skip)]
     pub base_dir: PathBuf,

@@ -29,10 +29,12 @@ use crate::driver::Driver;
 use crate::journal::{Accepted, Journal, PaymentAccepted};
 use crate::meter::MeterId;
 use crate::mqtt::{self, BrokerUrl, Client, Event, Message, QoS, Session};
+use crate::observe;
 use crate::policy::Registry;
 use crate::time::Clock;
 
 mod collection;
+mod lifecycle;
 
 use collection::limit_allocator_arenas;
 pub(crate) use collection::release_freed_memory;
@@ -102,6 +104,7 @@ pub async fn run(site: SiteConfig, opts: DaemonOptions, shutdown: CancellationTo
     let setup = |e: String| DaemonError::Setup(e);
     let topics = Topics::new(&site.mqtt.prefix).map_err(|e| setup(format!("[mqtt] prefix: {e:?}")))?;
     std::fs::create_dir_all(site.state_dir()).map_err(|e| setup(format!("{}: {e}", site.state_dir().display())))?;
+    let endpoints = observe::bind(&site.observability).await.map_err(|e| setup(e.to_string()))?;
     let journal = Journal::open(&site.journal_path()).map_err(|e| DaemonError::Journal(e.to_string()))?;
     let recovered = journal.recover().await.map_err(|e| DaemonError::Journal(e.to_string()))?;
     let now = opts.clock.now_ms();
@@ -173,9 +176,20 @@ pub async fn run(site: SiteConfig, opts: DaemonOptions, shutdown: CancellationTo
         }
         None => None,
     };
+    let sources = observe::Sources::new(
+        &journal,
+        site.journal_path(),
+        channels.values(),
+        collection.as_ref().map(|c| &c.metrics),
+        &opts.clock,
+    );
+    let endpoints = endpoints.map(|e| e.serve(sources));
     let mut notes = collection.as_mut().map(|c| std::mem::replace(&mut c.notes, mpsc::unbounded_channel().1));
     let (from_broker_tx, mut from_broker) = mpsc::unbounded_channel();
-    let poll_stop = shutdown.clone();
+    // The connection outlives the main loop: the drain still publishes, and the session
+    // ends with a DISCONNECT (see `lifecycle`).
+    let poll_stop = CancellationToken::new();
+    let poller_stop = poll_stop.clone();
     let poller = tokio::spawn(async move {
         let mut backoff = Duration::from_millis(100);
         loop {
@@ -185,17 +199,19 @@ pub async fn run(site: SiteConfig, opts: DaemonOptions, shutdown: CancellationTo
             };
             match event {
                 Event::Connected { session_present } => {
+                    observe::broker_connected();
                     backoff = Duration::from_millis(100);
                     // Without a resumed session, whatever was published for us while we were
                     // away (and our subscriptions) is gone at the broker: say so.
-                    tracing::info!(session_present, "connected to the broker");
+                    tracing::info!(session_present, "broker session");
                     let _ = from_broker_tx.send(FromBroker::Connected);
                 }
                 Event::Message(m) => {
                     let _ = from_broker_tx.send(FromBroker::Publish(m));
                 }
+                Event::DisconnectSent => break,
                 Event::Disconnected(e) => {
-                    tracing::warn!(error = %e, "broker connection lost; reconnecting");
+                    observe::broker_lost(&e);
                     tokio::select! {
                         _ = poll_stop.cancelled() => break,
                         _ = tokio::time::sleep(backoff) => {}
@@ -284,21 +300,21 @@ pub async fn run(site: SiteConfig, opts: DaemonOptions, shutdown: CancellationTo
     }
     .await;
 
-    // Drain: no new work; exchanges in progress finish within their timeouts and their
-    // commands stay resumable in the journal. Readings not yet acknowledged stay in the
-    // outbox and are published after the restart.
+    // Drain (see `lifecycle`): no new work; exchanges in progress finish within the bound
+    // and their commands stay resumable in the journal. Readings not yet acknowledged
+    // stay in the outbox and are published after the restart.
+    observe::draining();
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(d.site.drain_timeout_s);
     collect_stop.cancel();
     if let Some(c) = collection {
-        let _ = tokio::time::timeout(Duration::from_secs(5), c.join()).await;
+        let _ =
+            tokio::time::timeout_at(deadline.min(tokio::time::Instant::now() + Duration::from_secs(5)), c.join()).await;
     }
     channel_stop.cancel();
-    for t in channel_tasks {
-        let _ = tokio::time::timeout(Duration::from_secs(10), t).await;
-    }
-    let _ = d.client.publish(d.topics.status(), QoS::AtLeastOnce, true, json(&StatusMessage::last_will())).await;
-    let _ = d.client.disconnect().await;
-    let _ = tokio::time::timeout(Duration::from_secs(2), poller).await;
-    result
+    let drained = d.drain_channels(&mut answers_rx, channel_tasks, deadline, result.is_ok()).await;
+    d.go_offline(poller, poller_stop).await;
+    observe::stop(endpoints).await;
+    result.and(drained)
 }
 
 fn json<T: Serialize>(v: &T) -> String {
@@ -369,7 +385,7 @@ impl Daemon {
         self.site.policy = new.policy;
         self.site.commands = new.commands;
         self.config_generation += 1;
-        tracing::info!(generation = self.config_generation, "configuration reloaded");
+        observe::config_reloaded(self.config_generation);
     }
 
     fn now(&self) -> i64 {
@@ -431,6 +447,7 @@ impl Daemon {
                 };
                 let offset = self.site.policy.utc_offset_minutes;
                 let msg = ResultMessage::for_rejection(&raw_meter, &rejection, format_at(now, offset));
+                observe::command_status(&msg);
                 self.record(vec![Record::Note { meter: raw_meter.clone(), message: msg.clone() }]).await?;
                 let topic = match &meter {
                     Some(m) => Some(self.topics.result(m)),
@@ -470,7 +487,6 @@ impl Daemon {
         };
         match Payment::parse(&p.payload) {
             Err(r) => {
-                tracing::warn!(code = ?r.code, message = %r.message, "payment refused");
                 outcome.id = r.id.clone();
                 outcome.error = Some(ErrorBody::new(r.code, r.message));
             }
@@ -509,6 +525,7 @@ impl Daemon {
                 }
             }
         }
+        observe::payment(&outcome);
         if let Some(id) = outcome.id.as_deref().and_then(|i| PaymentId::new(i).ok()) {
             let topic = format!("{}/payment/{}", self.topics.prefix(), id.as_str());
             let _ = self.client.publish(topic, QoS::AtLeastOnce, false, json(&outcome)).await;
@@ -581,7 +598,10 @@ impl Daemon {
         self.record(records).await?;
         for o in rest {
             match o {
-                Output::Publish { meter, message } => self.publish(self.topics.result(&meter), &message).await,
+                Output::Publish { meter, message } => {
+                    observe::command_status(&message);
+                    self.publish(self.topics.result(&meter), &message).await
+                }
                 Output::Execute(work) => {
                     self.in_flight.insert((work.command.clone(), work.attempt), work.meter.clone());
                     let channel = self.meter_link.get(&work.meter).and_then(|l| self.channels.get(l));
@@ -604,6 +624,7 @@ impl Daemon {
                 Output::Persist(_) => {}
             }
         }
+        observe::quarantine(self.engine.policy().quarantine().is_some());
         let mut meters_changed = meters_changed;
         meters_changed.dedup();
         for m in &meters_changed {

@@ -19,6 +19,7 @@ pub mod link;
 pub mod meter;
 pub mod modbus;
 pub mod mqtt;
+pub mod observe;
 pub mod policy;
 pub mod secrets;
 pub mod time;

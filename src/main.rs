@@ -11,6 +11,9 @@ use clap::{Parser, Subcommand};
 #[derive(Parser, Debug)]
 #[command(name = "headend", version, about)]
 struct Cli {
+    /// Log lines on stderr as text or as JSON (one object per line, with spans).
+    #[arg(long, global = true, value_enum, default_value_t = headend::observe::logs::LogFormat::Text)]
+    log_format: headend::observe::logs::LogFormat,
     #[command(subcommand)]
     command: Command,
 }
@@ -42,13 +45,7 @@ enum Command {
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
-    tracing_subscriber::fmt()
-        .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_default_env()
-                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn,rumqttd=off")),
-        )
-        .with_writer(std::io::stderr)
-        .init();
+    headend::observe::logs::init(cli.log_format);
     let runtime = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
         Ok(rt) => rt,
         Err(e) => {

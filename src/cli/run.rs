@@ -37,6 +37,11 @@ pub async fn run(args: RunArgs) -> anyhow::Result<ExitCode> {
         wait_for_signal().await;
         tracing::info!("stopping: draining work in progress");
         stop.cancel();
+        // A second signal does not wait for the drain: what is unfinished resumes from
+        // the journal at the next start, as after a crash.
+        wait_for_signal().await;
+        tracing::warn!("second signal: exiting without finishing the drain");
+        std::process::exit(1);
     });
     let (reload_tx, reload) = tokio::sync::mpsc::unbounded_channel();
     tokio::spawn(reload_on_sighup(args.config.clone(), reload_tx));
@@ -64,7 +69,7 @@ async fn reload_on_sighup(path: PathBuf, tx: tokio::sync::mpsc::UnboundedSender<
                         return;
                     }
                 }
-                Err(e) => tracing::error!(error = %e, "SIGHUP: configuration refused; keeping the running one"),
+                Err(e) => headend::observe::config_refused(&e),
             }
         }
     }

@@ -1,6 +1,6 @@
-//! Collection counters: plain atomics, read through [`Metrics::snapshot`] (the Prometheus
-//! exporter is issue 6's; it will read the same snapshot). Each event that moves a counter
-//! also writes a log line where it happens.
+//! Collection counters: plain atomics, read through [`Metrics::snapshot`], and exported
+//! to Prometheus at scrape time by `crate::observe` (names in docs/metrics.md). Each
+//! event that moves a counter also writes a log line where it happens.
 
 use std::collections::BTreeMap;
 use std::sync::atomic::{AtomicI64, AtomicU64, Ordering};
@@ -173,6 +173,30 @@ impl Metrics {
             }
         }
         (max, never)
+    }
+
+    /// Failed jobs by kind.
+    pub fn failures_by_kind(&self) -> impl Iterator<Item = (FailureKind, u64)> + '_ {
+        FailureKind::ALL.iter().zip(&self.failures).map(|(k, c)| (*k, c.load(Ordering::Relaxed)))
+    }
+
+    /// Rows dropped or flagged so far.
+    pub fn bad_data_total(&self) -> BadData {
+        self.bad.lock().map(|b| *b).unwrap_or_default()
+    }
+
+    /// Per channel (link), without a copy per meter: the largest lag (s) of its meters
+    /// that have a stored row, and how many have none yet.
+    pub fn channel_lags(&self, now_s: i64) -> Vec<(String, Option<i64>, usize)> {
+        let mut by: BTreeMap<&str, (Option<i64>, usize)> = BTreeMap::new();
+        for (m, last) in self.meters.iter().zip(&self.last_s) {
+            let e = by.entry(&m.link).or_insert((None, 0));
+            match last.load(Ordering::Relaxed) {
+                NONE => e.1 += 1,
+                l => e.0 = Some(e.0.map_or(now_s - l, |x| x.max(now_s - l))),
+            }
+        }
+        by.into_iter().map(|(k, (lag, never))| (k.to_owned(), lag, never)).collect()
     }
 
     /// The counters now; lags are measured against `now_s`.

@@ -3,6 +3,7 @@
 
 pub mod daemon;
 pub mod mosquitto;
+pub mod observe;
 pub mod proxy;
 pub mod site;
 
