@@ -1,7 +1,9 @@
 //! The shipped broker configuration (`deploy/mosquitto/`) with a real mosquitto: only the
 //! dispatch desk gets a command executed, only billing gets a payment honoured, only the
-//! head-end speaks for the head-end. The daemon runs as a process, as the `headend` user,
-//! over TLS; the simulator stands in for the meters.
+//! head-end speaks for the head-end; and with `acl.regions.example` (two instances, one
+//! broker), a region's desk and head-end cannot command or speak for another region. The
+//! daemon runs as a process, as its broker user, over TLS; the simulator stands in for
+//! the meters.
 //!
 //! The broker runs the shipped `mosquitto.conf` with these changes, and no others
 //! (`test_conf` asserts that each line it rewrites is there, so that a reshaped shipped
@@ -11,7 +13,7 @@
 //!   certificate for `localhost`);
 //! - `password_file` is a file of the shipped ACL's users with passwords made up by this
 //!   run (hashed by `mosquitto_passwd -U`, as the deploy README says);
-//! - `acl_file` is the shipped `deploy/mosquitto/acl`, unchanged;
+//! - `acl_file` is the shipped `deploy/mosquitto/acl` (or `acl.regions.example`), unchanged;
 //! - `persistence*`, `autosave_interval` and `log_dest` lines are dropped: the harness keeps
 //!   no store and logs everything to stderr, where the test reads "Denied PUBLISH";
 //! - the harness puts a plain listener on another loopback port ahead of the file, for the
@@ -31,8 +33,6 @@ use meter_sim::{EndpointKind, EndpointSpec, FleetConfig, MeterSpec, Simulator};
 
 /// The prefix the shipped ACL is written for.
 const P: &str = "ami";
-/// The users of the shipped ACL this test connects as.
-const USERS: [&str; 5] = ["headend", "desk", "billing", "operator", "viewer"];
 const WITHIN: Duration = Duration::from_secs(30);
 const NOTICE: &str = "2020-01-01T00:00:00Z";
 
@@ -40,8 +40,9 @@ fn repo(path: &str) -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join(path)
 }
 
-/// The shipped `mosquitto.conf`, changed as the module documentation lists.
-fn test_conf(tls_port: u16, passwd: &Path) -> String {
+/// The shipped `mosquitto.conf`, changed as the module documentation lists, with the ACL
+/// file `acl` (a path under `deploy/mosquitto/`).
+fn test_conf(tls_port: u16, passwd: &Path, acl: &str) -> String {
     let shipped =
         std::fs::read_to_string(repo("deploy/mosquitto/mosquitto.conf")).expect("deploy/mosquitto/mosquitto.conf");
     let fixture = |f: &str| repo("tests/fixtures/mqtt-tls").join(f).display().to_string();
@@ -55,7 +56,7 @@ fn test_conf(tls_port: u16, passwd: &Path) -> String {
             "keyfile" => format!("keyfile {}", fixture("server.key")),
             "cafile" => format!("cafile {}", fixture("ca.pem")),
             "password_file" => format!("password_file {}", passwd.display()),
-            "acl_file" => format!("acl_file {}", repo("deploy/mosquitto/acl").display()),
+            "acl_file" => format!("acl_file {}", repo("deploy/mosquitto").join(acl).display()),
             "persistence" | "persistence_location" | "autosave_interval" | "log_dest" => String::new(),
             _ => line.to_owned(),
         };
@@ -83,8 +84,8 @@ fn test_conf(tls_port: u16, passwd: &Path) -> String {
 struct Users(Vec<(&'static str, String)>);
 
 impl Users {
-    fn new() -> Self {
-        Self(USERS.iter().map(|u| (*u, format!("{:032x}", rand::random::<u128>()))).collect())
+    fn new(users: &[&'static str]) -> Self {
+        Self(users.iter().map(|u| (*u, format!("{:032x}", rand::random::<u128>()))).collect())
     }
 
     fn password(&self, user: &str) -> &str {
@@ -109,67 +110,85 @@ impl Users {
     }
 }
 
-struct Rig {
+/// One head-end instance: its simulated fleet (direct reconnect, a 2-second load
+/// profile) and the daemon, connected over TLS as `user` with the prefix `prefix`.
+/// `meters`: (registry id, simulated name); each meter's account is `ACC-{id}`.
+struct Instance {
     sim: Simulator,
-    broker: Mosquitto,
-    users: Users,
-    _dir: TempDir,
     _daemon: DaemonProcess,
 }
 
-impl Rig {
-    /// Simulator (M-1 of ACC-1, M-2 of ACC-2, direct reconnect), the broker on the shipped
-    /// configuration, and the daemon connected as `headend` over TLS.
-    async fn start(tag: &str) -> Self {
-        let meters = ["SIMDEP000001", "SIMDEP000002"]
+impl Instance {
+    async fn start(rig: &Broker, name: &str, prefix: &str, user: &str, meters: &[(&str, &str)]) -> Self {
+        let specs = meters
             .iter()
             .enumerate()
-            .map(|(i, name)| {
-                let mut m = MeterSpec::dlms(*name, i);
+            .map(|(i, (_, sim_name))| {
+                let mut m = MeterSpec::dlms(*sim_name, i);
                 m.logical_device = i as u16 + 1;
                 m.control_mode = 2;
                 m
             })
             .collect();
         let fleet = FleetConfig {
-            meters,
+            meters: specs,
             endpoints: vec![EndpointSpec::DlmsWrapperTcp {
                 bind: "127.0.0.1:0".parse().expect("addr"),
-                meters: vec![0, 1],
+                meters: (0..meters.len()).collect(),
             }],
             profile_period_s: 2,
             profile_depth_days: 1,
             ..FleetConfig::default()
         };
         let sim = Simulator::start(fleet).await.expect("simulator");
-        let dir = TempDir::new(tag);
-        let users = Users::new();
-        let passwd = dir.path("passwd");
-        users.write_password_file(&passwd);
-        let tls_port = free_port();
-        let broker = Mosquitto::start_with(&test_conf(tls_port, &passwd));
-        std::fs::write(dir.path("headend.pw"), format!("{}\n", users.password("headend"))).expect("password file");
+        let dir = rig.dir.path(name);
+        std::fs::create_dir_all(&dir).expect("instance dir");
+        std::fs::write(dir.join("mqtt.pw"), format!("{}\n", rig.users.password(user))).expect("password file");
         let wrapper = addr_of(&sim, EndpointKind::DlmsWrapperTcp);
-        let config = dir.path("site.toml");
         let mut text = format!(
-            "state_dir = \"state\"\n\n[mqtt]\nbroker = \"mqtts://localhost:{tls_port}\"\nprefix = \"{P}\"\n\
-             client_id = \"headend-{tag}\"\nusername = \"headend\"\npassword_file = \"headend.pw\"\nca_file = \"{}\"\n\n\
+            "state_dir = \"state\"\n\n[mqtt]\nbroker = \"mqtts://localhost:{}\"\nprefix = \"{prefix}\"\n\
+             client_id = \"headend-{name}\"\nusername = \"{user}\"\npassword_file = \"mqtt.pw\"\nca_file = \"{}\"\n\n\
              [policy.window]\ndays = [\"mon\", \"tue\", \"wed\", \"thu\", \"fri\", \"sat\", \"sun\"]\n\
              start = \"00:00\"\nend = \"24:00\"\nno_cut_before_holiday = false\n\n\
              [collection]\ninterval_s = 2\nspread_s = 1\nsettle_s = 0\nhorizon_s = 20\n\n\
              [[link]]\nname = \"wrapper\"\nprotocol = \"dlms-wrapper\"\naddress = \"{wrapper}\"\ntimeout_ms = 2000\n\n",
+            rig.tls_port,
             repo("tests/fixtures/mqtt-tls/ca.pem").display()
         );
-        for (i, name) in ["SIMDEP000001", "SIMDEP000002"].iter().enumerate() {
+        for (i, (id, sim_name)) in meters.iter().enumerate() {
             text.push_str(&format!(
-                "[[meter]]\nid = \"M-{n}\"\nlink = \"wrapper\"\nidentity = \"{name}\"\naccount = \"ACC-{n}\"\n\
-                 logical_device = {n}\nclient_sap = 16\n\n",
-                n = i + 1
+                "[[meter]]\nid = \"{id}\"\nlink = \"wrapper\"\nidentity = \"{sim_name}\"\naccount = \"ACC-{id}\"\n\
+                 logical_device = {}\nclient_sap = 16\n\n",
+                i + 1
             ));
         }
+        let config = dir.join("site.toml");
         std::fs::write(&config, text).expect("config");
-        let daemon = DaemonProcess::start_with(&config, &[]);
-        Self { sim, broker, users, _dir: dir, _daemon: daemon }
+        Self { sim, _daemon: DaemonProcess::start_with(&config, &[]) }
+    }
+
+    fn relay_closed(&self, sim_name: &str) -> bool {
+        self.sim.meter(sim_name).expect("simulated meter").output_state
+    }
+}
+
+/// The broker on the shipped configuration with the ACL `acl`, and passwords for `users`.
+struct Broker {
+    broker: Mosquitto,
+    users: Users,
+    tls_port: u16,
+    dir: TempDir,
+}
+
+impl Broker {
+    fn start(tag: &str, acl: &str, users: &[&'static str]) -> Self {
+        let dir = TempDir::new(tag);
+        let users = Users::new(users);
+        let passwd = dir.path("passwd");
+        users.write_password_file(&passwd);
+        let tls_port = free_port();
+        let broker = Mosquitto::start_with(&test_conf(tls_port, &passwd, acl));
+        Self { broker, users, tls_port, dir }
     }
 
     /// A client of the plain loopback listener as `user`, with the client id `id`.
@@ -177,11 +196,15 @@ impl Rig {
         TestClient::connect_user(self.broker.port(), id, user, self.users.password(user), filters).await
     }
 
-    /// The operator's view: everything under the prefix (the ACL lets operators read all).
-    async fn operator(&self) -> TestClient {
-        let mut op = self.client("operator", "operator-1", &[&format!("{P}/#")]).await;
-        let online = |m: &Message| m.topic == format!("{P}/status") && m.json()["online"] == true;
-        op.expect(WITHIN, online).await;
+    /// The operator's view of everything (the ACLs let operators read all), once the
+    /// daemons publishing `statuses` are online.
+    async fn operator(&self, statuses: &[&str]) -> TestClient {
+        let mut op = self.client("operator", "operator-1", &["ami/#"]).await;
+        let mut waiting: Vec<&str> = statuses.to_vec();
+        while !waiting.is_empty() {
+            let m = op.expect(WITHIN, |m| waiting.contains(&m.topic.as_str()) && m.json()["online"] == true).await;
+            waiting.retain(|s| *s != m.topic);
+        }
         op
     }
 
@@ -190,17 +213,22 @@ impl Rig {
         let (who, what) = (format!("Denied PUBLISH from {client} "), format!("'{topic}'"));
         tokio::task::block_in_place(|| self.broker.wait_log(WITHIN, |l| l.contains(&who) && l.contains(&what)));
     }
+}
 
-    fn relay_closed(&self, name: &str) -> bool {
-        self.sim.meter(name).expect("simulated meter").output_state
-    }
+/// The shipped ACL's users this test connects as.
+const USERS: [&str; 5] = ["headend", "desk", "billing", "operator", "viewer"];
+
+/// One instance with the prefix `ami`, as the shipped ACL expects: M-1 and M-2.
+async fn shipped(tag: &str) -> (Broker, Instance) {
+    let broker = Broker::start(tag, "acl", &USERS);
+    let headend =
+        Instance::start(&broker, tag, P, "headend", &[("M-1", "SIMDEP000001"), ("M-2", "SIMDEP000002")]).await;
+    (broker, headend)
 }
 
 fn is_final(m: &Message, id: &str) -> bool {
     let finals = ["succeeded", "armed", "superseded", "rejected", "failed", "expired"];
-    m.topic.starts_with(&format!("{P}/result/"))
-        && m.json()["id"] == id
-        && finals.iter().any(|f| m.json()["status"] == *f)
+    m.topic.contains("/result/") && m.json()["id"] == id && finals.iter().any(|f| m.json()["status"] == *f)
 }
 
 /// No message (a command seen by the operator, a result, a payment outcome, a trigger)
@@ -216,8 +244,8 @@ fn assert_never_mentioned(seen: &[Message], needle: &str) {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn only_the_dispatch_desk_gets_a_command_executed() {
-    let rig = Rig::start("deploy-cmd").await;
-    let mut op = rig.operator().await;
+    let (rig, headend) = shipped("deploy-cmd").await;
+    let mut op = rig.operator(&["ami/status"]).await;
     let cmd = format!("{P}/cmd/M-1");
     let cut = |id: &str| format!(r#"{{"id":"{id}","action":"disconnect","reason":"safety","operator":"test"}}"#);
 
@@ -242,13 +270,13 @@ async fn only_the_dispatch_desk_gets_a_command_executed() {
     }
     let read = seen.last().expect("the final status").json();
     assert_eq!((read["status"].as_str(), read["relay"].as_str()), (Some("succeeded"), Some("connected")), "{read}");
-    assert!(rig.relay_closed("SIMDEP000001"), "nothing switched the meter");
+    assert!(headend.relay_closed("SIMDEP000001"), "nothing switched the meter");
 
     // The desk's cut is executed.
     desk.publish(&cmd, cut("cut-by-desk")).await;
     let done = op.expect(WITHIN, |m| is_final(m, "cut-by-desk")).await.json();
     assert_eq!((done["status"].as_str(), done["relay"].as_str()), (Some("succeeded"), Some("disconnected")), "{done}");
-    assert!(!rig.relay_closed("SIMDEP000001"), "the desk's cut opened the relay");
+    assert!(!headend.relay_closed("SIMDEP000001"), "the desk's cut opened the relay");
 
     // Nobody else may speak for the head-end; the head-end's readings get out.
     desk.publish_with(&format!("{P}/status"), r#"{"online":false}"#, true).await;
@@ -261,20 +289,20 @@ async fn only_the_dispatch_desk_gets_a_command_executed() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn only_billing_gets_a_payment_honoured() {
-    let rig = Rig::start("deploy-pay").await;
-    let mut op = rig.operator().await;
+    let (rig, headend) = shipped("deploy-pay").await;
+    let mut op = rig.operator(&["ami/status"]).await;
     let desk = rig.client("desk", "desk-1", &[]).await;
     let arrears =
         format!(r#"{{"id":"cut-arrears","action":"disconnect","reason":"arrears","notice_sent_at":"{NOTICE}"}}"#);
     desk.publish(&format!("{P}/cmd/M-1"), arrears).await;
     let cut = op.expect(WITHIN, |m| is_final(m, "cut-arrears")).await.json();
     assert_eq!(cut["status"], "succeeded", "{cut}");
-    assert!(!rig.relay_closed("SIMDEP000001"));
+    assert!(!headend.relay_closed("SIMDEP000001"));
 
     let payments = format!("{P}/payments");
     let pay = |id: &str| {
         format!(
-            r#"{{"id":"{id}","account":"ACC-1","amount":"120.50","currency":"CNY","cleared":true,"confirmed_at":"2026-11-28T09:00:00Z"}}"#
+            r#"{{"id":"{id}","account":"ACC-M-1","amount":"120.50","currency":"CNY","cleared":true,"confirmed_at":"2026-11-28T09:00:00Z"}}"#
         )
     };
     // The desk and the operator are not billing: their payments are dropped.
@@ -283,7 +311,7 @@ async fn only_billing_gets_a_payment_honoured() {
     let operator = rig.client("operator", "operator-2", &[]).await;
     operator.publish(&payments, pay("pay-by-operator")).await;
     rig.denied("operator-2", &payments);
-    assert!(!rig.relay_closed("SIMDEP000001"), "no payment reconnected the meter yet");
+    assert!(!headend.relay_closed("SIMDEP000001"), "no payment reconnected the meter yet");
 
     // Billing's payment reconnects the meter.
     let billing = rig.client("billing", "billing-1", &[]).await;
@@ -296,8 +324,47 @@ async fn only_billing_gets_a_payment_honoured() {
     assert_eq!(reconnects.len(), 1, "{outcome}");
     assert_eq!(reconnects[0]["meter"], "M-1", "{outcome}");
     let id = reconnects[0]["id"].as_str().expect("the reconnect's id").to_owned();
-    let done = op.expect(WITHIN, |m| is_final(m, &id)).await.json();
+    // The reconnect may have finished before the outcome was published.
+    let done = match seen.iter().find(|m| is_final(m, &id)) {
+        Some(m) => m.json(),
+        None => op.expect(WITHIN, |m| is_final(m, &id)).await.json(),
+    };
     assert_eq!((done["status"].as_str(), done["relay"].as_str()), (Some("succeeded"), Some("connected")), "{done}");
     assert_eq!(done["trigger"]["payment"], "pay-by-billing");
-    assert!(rig.relay_closed("SIMDEP000001"), "billing's payment reconnected the meter");
+    assert!(headend.relay_closed("SIMDEP000001"), "billing's payment reconnected the meter");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_regional_acl_example_keeps_each_region_to_its_own() {
+    let users = ["headend-north", "headend-south", "desk", "desk-north", "operator"];
+    let rig = Broker::start("deploy-regions", "acl.regions.example", &users);
+    let north = Instance::start(&rig, "north", "ami/north", "headend-north", &[("N-1", "SIMDEPN00001")]).await;
+    let south = Instance::start(&rig, "south", "ami/south", "headend-south", &[("S-1", "SIMDEPS00001")]).await;
+    let mut op = rig.operator(&["ami/north/status", "ami/south/status"]).await;
+    let cut = |id: &str| format!(r#"{{"id":"{id}","action":"disconnect","reason":"safety"}}"#);
+
+    // North's desk and north's head-end cannot command, or speak for, the south.
+    let desk_north = rig.client("desk-north", "desk-north-1", &[]).await;
+    desk_north.publish("ami/south/cmd/S-1", cut("south-by-north-desk")).await;
+    rig.denied("desk-north-1", "ami/south/cmd/S-1");
+    let headend_north = rig.client("headend-north", "headend-north-2", &[]).await;
+    headend_north.publish("ami/south/cmd/S-1", cut("south-by-north-headend")).await;
+    rig.denied("headend-north-2", "ami/south/cmd/S-1");
+    headend_north.publish("ami/south/result/S-1", r#"{"id":"fake","status":"succeeded"}"#).await;
+    rig.denied("headend-north-2", "ami/south/result/S-1");
+
+    // The national desk commands both regions; north's desk its own.
+    let desk = rig.client("desk", "desk-1", &[]).await;
+    desk.publish("ami/south/cmd/S-1", r#"{"id":"south-read","action":"read"}"#).await;
+    let seen = op.collect_until(WITHIN, |m| is_final(m, "south-read")).await;
+    assert_never_mentioned(&seen, "south-by-north-desk");
+    assert_never_mentioned(&seen, "south-by-north-headend");
+    assert_never_mentioned(&seen, "fake");
+    assert_eq!(seen.last().expect("final").json()["relay"], "connected");
+    assert!(south.relay_closed("SIMDEPS00001"), "nothing switched the south's meter");
+    desk.publish("ami/south/cmd/S-1", cut("south-by-desk")).await;
+    assert_eq!(op.expect(WITHIN, |m| is_final(m, "south-by-desk")).await.json()["status"], "succeeded");
+    desk_north.publish("ami/north/cmd/N-1", cut("north-by-north-desk")).await;
+    assert_eq!(op.expect(WITHIN, |m| is_final(m, "north-by-north-desk")).await.json()["status"], "succeeded");
+    assert!(!south.relay_closed("SIMDEPS00001") && !north.relay_closed("SIMDEPN00001"));
 }
