@@ -20,7 +20,7 @@ fn any_port() -> std::net::SocketAddr {
     "127.0.0.1:0".parse().expect("addr")
 }
 
-/// Four meters behind one wrapper endpoint, two behind an HDLC gateway.
+/// Five meters behind one wrapper endpoint, two behind an HDLC gateway.
 fn fleet() -> FleetConfig {
     let mut m = Vec::new();
     let mut none = MeterSpec::dlms("SIM0000000001", 0);
@@ -47,10 +47,15 @@ fn fleet() -> FleetConfig {
     bus_b.physical_address = 18;
     bus_b.auth = SimAuth::HlsGmac { guek: GUEK, gak: GAK };
     m.push(bus_b);
+    // The device the registry wrongly names M-WRONG (whose registered identity is
+    // SIM0000000099): a meter installed where another was expected.
+    let mut swapped = MeterSpec::dlms("SIM0000000007", 6);
+    swapped.logical_device = 5;
+    m.push(swapped);
     FleetConfig {
         meters: m,
         endpoints: vec![
-            EndpointSpec::DlmsWrapperTcp { bind: any_port(), meters: vec![0, 1, 2, 3] },
+            EndpointSpec::DlmsWrapperTcp { bind: any_port(), meters: vec![0, 1, 2, 3, 6] },
             EndpointSpec::DlmsHdlcTcp { bind: any_port(), meters: vec![4, 5], baud: None },
         ],
         ..FleetConfig::default()
@@ -109,7 +114,7 @@ logical_device = 4
 id = "M-WRONG"
 link = "wrapper"
 identity = "SIM0000000099"
-logical_device = 1
+logical_device = 5
 
 [[meter]]
 id = "BUS-A"
