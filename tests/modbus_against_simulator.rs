@@ -25,8 +25,13 @@ energy_import = { register = 9100, type = "u32", unit = "Wh" }
 
 fn gateway_fleet() -> FleetConfig {
     FleetConfig {
-        meters: vec![MeterSpec::modbus("SIMMB0000001", 1), MeterSpec::modbus("SIMMB0000002", 2)],
-        endpoints: vec![EndpointSpec::ModbusTcp { bind: "127.0.0.1:0".parse().expect("addr"), meters: vec![0, 1] }],
+        // Unit 3 is a model whose register map differs from the one the registry names.
+        meters: vec![
+            MeterSpec::modbus("SIMMB0000001", 1),
+            MeterSpec::modbus("SIMMB0000002", 2),
+            MeterSpec::modbus("SIMMB0000003", 3),
+        ],
+        endpoints: vec![EndpointSpec::ModbusTcp { bind: "127.0.0.1:0".parse().expect("addr"), meters: vec![0, 1, 2] }],
         ..FleetConfig::default()
     }
 }
@@ -38,7 +43,7 @@ fn gateway_site(dir: &TempDir, sim: &Simulator) -> headend::config::SiteConfig {
          [[meter]]\nid = \"MB-1\"\nlink = \"gw\"\nidentity = \"SIMMB0000001\"\nunit_id = 1\nmodbus_profile = \"meter-sim\"\n\n\
          [[meter]]\nid = \"MB-2\"\nlink = \"gw\"\nidentity = \"SIMMB0000002\"\nunit_id = 2\nmodbus_profile = \"meter-sim\"\n\n\
          [[meter]]\nid = \"MB-GONE\"\nlink = \"gw\"\nunit_id = 77\nmodbus_profile = \"meter-sim\"\n\n\
-         [[meter]]\nid = \"MB-WRONG-MAP\"\nlink = \"gw\"\nunit_id = 1\nmodbus_profile = \"wrong-map\"\n\n{PROFILE}"
+         [[meter]]\nid = \"MB-WRONG-MAP\"\nlink = \"gw\"\nunit_id = 3\nmodbus_profile = \"wrong-map\"\n\n{PROFILE}"
     );
     site(dir, &toml, &[])
 }
