@@ -12,7 +12,7 @@ use tokio_modbus::prelude::SlaveContext;
 use tokio_modbus::{ExceptionCode, Slave};
 
 const T0: i64 = 1_717_225_200_000; // 2024-06-01 07:00:00 UTC
-const PATIENCE: Duration = Duration::from_secs(5);
+const PATIENCE: Duration = Duration::from_secs(30);
 
 async fn start() -> (Simulator, Arc<ManualClock>, SocketAddr, SocketAddr) {
     let any: SocketAddr = "127.0.0.1:0".parse().unwrap();

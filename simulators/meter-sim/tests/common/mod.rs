@@ -20,7 +20,7 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 
 /// How long a test waits for an answer before failing (never reached when things work).
-pub const PATIENCE: Duration = Duration::from_secs(5);
+pub const PATIENCE: Duration = Duration::from_secs(30);
 
 pub const CLOCK: Obis = Obis::new(0, 0, 1, 0, 0, 255);
 pub const LDN: Obis = Obis::new(0, 0, 42, 0, 0, 255);
