@@ -38,7 +38,8 @@ pub struct SiteConfig {
     #[serde(default)]
     pub state_dir: Option<PathBuf>,
     /// On SIGTERM, how long (s) exchanges in progress may take to finish before the
-    /// daemon exits anyway; unfinished commands stay resumable in the journal.
+    /// daemon exits anyway (at most an hour); unfinished commands stay resumable in the
+    /// journal.
     #[serde(default = "default_drain_timeout_s")]
     pub drain_timeout_s: u64,
     /// Physical links.

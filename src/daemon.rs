@@ -304,7 +304,7 @@ pub async fn run(site: SiteConfig, opts: DaemonOptions, shutdown: CancellationTo
     // and their commands stay resumable in the journal. Readings not yet acknowledged
     // stay in the outbox and are published after the restart.
     observe::draining();
-    let deadline = tokio::time::Instant::now() + Duration::from_secs(d.site.drain_timeout_s);
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(d.site.drain_timeout_s.min(3600));
     collect_stop.cancel();
     if let Some(c) = collection {
         let _ =

@@ -114,9 +114,9 @@ fn finals(obs: &Observer, id: &str) -> usize {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sigterm_past_the_drain_bound_leaves_the_command_resumable() {
-    // Every request to the slow meter takes a second; a read is several requests, and
-    // the daemon may drain for one second only.
-    let rig = Rig::start("bound", 1000, 1).await;
+    // Every request to the slow meter takes two seconds; a read is several requests (at
+    // least association, relay, registers), and the daemon may drain for one second only.
+    let rig = Rig::start("bound", 2000, 1).await;
     let obs = rig.observer("obs-bound").await;
     let daemon = rig.daemon();
     online(&obs).await;

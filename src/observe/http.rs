@@ -25,6 +25,9 @@ const IO_DEADLINE: Duration = Duration::from_secs(5);
 const JOURNAL_PROBE: Duration = Duration::from_secs(2);
 /// Connections served at once.
 const MAX_CONNECTIONS: usize = 32;
+/// The exporter keeps every histogram sample until a render folds it into the buckets;
+/// rendering this often bounds that memory when nobody scrapes.
+const FOLD_SAMPLES: Duration = Duration::from_secs(60);
 
 /// The endpoints could not be set up.
 #[derive(Debug, thiserror::Error)]
@@ -101,9 +104,16 @@ type Shared = Arc<(Sources, Option<PrometheusHandle>)>;
 
 async fn accept_loop(listener: TcpListener, shared: Shared, stop: CancellationToken) {
     let permits = Arc::new(Semaphore::new(MAX_CONNECTIONS));
+    let mut fold = tokio::time::interval(FOLD_SAMPLES);
     loop {
         let accepted = tokio::select! {
             _ = stop.cancelled() => break,
+            _ = fold.tick() => {
+                if let Some(h) = &shared.1 {
+                    drop(h.render());
+                }
+                continue;
+            }
             a = listener.accept() => a,
         };
         let stream = match accepted {

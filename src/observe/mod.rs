@@ -214,13 +214,7 @@ pub fn quarantine(active: bool) {
 
 /// What became of a payment.
 pub fn payment(outcome: &PaymentOutcome) {
-    let label = match (&outcome.error, outcome.duplicate, outcome.cleared) {
-        (Some(_), true, _) => "conflict",
-        (Some(_), false, _) => "invalid",
-        (None, true, _) => "duplicate",
-        (None, false, true) => "cleared",
-        (None, false, false) => "not_cleared",
-    };
+    let label = payment_label(outcome);
     ::metrics::counter!(names::PAYMENTS, "outcome" => label).increment(1);
     let id = outcome.id.as_deref().unwrap_or("-");
     match &outcome.error {
@@ -228,6 +222,16 @@ pub fn payment(outcome: &PaymentOutcome) {
             tracing::warn!(payment = %id, outcome = label, code = e.code.as_str(), message = %e.message, "payment refused")
         }
         None => tracing::info!(payment = %id, outcome = label, reconnects = outcome.reconnects.len(), "payment"),
+    }
+}
+
+fn payment_label(outcome: &PaymentOutcome) -> &'static str {
+    match (&outcome.error, outcome.duplicate, outcome.cleared) {
+        (Some(_), true, _) => "conflict",
+        (Some(_), false, _) => "invalid",
+        (None, true, _) => "duplicate",
+        (None, false, true) => "cleared",
+        (None, false, false) => "not_cleared",
     }
 }
 
@@ -252,4 +256,33 @@ pub fn draining() {
 /// Whether shutdown has begun.
 pub fn is_draining() -> bool {
     DRAINING.load(Ordering::Relaxed)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::contract::{ErrorBody, ErrorCode};
+
+    #[test]
+    fn payment_outcomes() {
+        let base = PaymentOutcome {
+            id: Some("p1".into()),
+            account: Some("A".into()),
+            cleared: true,
+            duplicate: false,
+            reconnects: Vec::new(),
+            error: None,
+        };
+        let err = Some(ErrorBody::new(ErrorCode::DuplicateId, "different content"));
+        let cases = [
+            (base.clone(), "cleared"),
+            (PaymentOutcome { cleared: false, ..base.clone() }, "not_cleared"),
+            (PaymentOutcome { duplicate: true, ..base.clone() }, "duplicate"),
+            (PaymentOutcome { duplicate: true, error: err.clone(), ..base.clone() }, "conflict"),
+            (PaymentOutcome { error: err, id: None, ..base }, "invalid"),
+        ];
+        for (o, want) in cases {
+            assert_eq!(payment_label(&o), want, "{o:?}");
+        }
+    }
 }
