@@ -114,19 +114,37 @@ impl Daemon {
         };
         let mut taken = taken.into_iter();
         for (p, kind) in sorted {
-            match kind {
+            // A new command or payment is acknowledged as soon as it is in the journal:
+            // recovery resumes it from there (a payment until its reconnects commit), and
+            // the broker sends the next ones meanwhile. Anything else is acknowledged
+            // after the turn's commit, when its answer is durable.
+            let durable = match kind {
                 Kind::Command(cmd) => match taken.next() {
-                    Some(Taken::Command(a)) => self.on_command(cmd, a, now, &mut t),
+                    Some(Taken::Command(a)) => {
+                        let new = a == Accepted::New;
+                        self.on_command(cmd, a, now, &mut t);
+                        new
+                    }
                     _ => return Err(DaemonError::Journal("accept_all answered out of order".into())),
                 },
                 Kind::Payment(pay) => match taken.next() {
-                    Some(Taken::Payment(a)) => self.on_payment(pay, a, now, &mut t),
+                    Some(Taken::Payment(a)) => {
+                        let new = matches!(a, PaymentAccepted::New | PaymentAccepted::NowCleared);
+                        self.on_payment(pay, a, now, &mut t);
+                        new
+                    }
                     _ => return Err(DaemonError::Journal("accept_all answered out of order".into())),
                 },
-                Kind::Other => self.on_other(&p, now, &mut t),
+                Kind::Other => {
+                    self.on_other(&p, now, &mut t);
+                    false
+                }
+            };
+            if durable {
+                self.ack(&p);
+            } else {
+                t.acks.push(p);
             }
-            // Acknowledged after the turn's commit: everything it needs is durable then.
-            t.acks.push(p);
         }
         if self.engine.next_wakeup().is_some_and(|w| w <= now) {
             let out = self.engine.handle(Input::Tick, now);
