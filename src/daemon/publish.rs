@@ -91,7 +91,9 @@ pub(crate) fn spawn(
     rx: mpsc::UnboundedReceiver<Message>,
     shutdown: CancellationToken,
 ) -> tokio::task::JoinHandle<()> {
-    let (client, net, poller) = connect(options, shutdown.clone());
+    // The connection outlives the publisher's stop by its final drain.
+    let poll_stop = CancellationToken::new();
+    let (client, net, poller) = connect(options, poll_stop.clone());
     if !backlog.is_empty() {
         tracing::info!(messages = backlog.len(), "results stored before the restart and not acknowledged: sent again");
     }
@@ -100,6 +102,7 @@ pub(crate) fn spawn(
         Publisher { journal, client, connected: false, ready, corr: Correlator::default(), acked: Vec::new() };
     tokio::spawn(async move {
         publisher.run(rx, net, shutdown).await;
+        poll_stop.cancel();
         let _ = poller.await;
     })
 }
