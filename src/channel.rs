@@ -9,6 +9,7 @@
 //! collection job holds a permit of the collector's semaphore (the bound on associations
 //! collecting at once); control work never waits for one.
 
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -96,6 +97,40 @@ impl ChannelHandle {
     }
 }
 
+/// How many channels are up and down, kept by the actors as their health changes, so
+/// that the daemon's status costs the same for ten links as for ten thousand.
+#[derive(Debug, Default)]
+pub struct HealthCounts {
+    up: AtomicU64,
+    down: AtomicU64,
+}
+
+impl HealthCounts {
+    /// Channels whose link is up.
+    pub fn up(&self) -> u64 {
+        self.up.load(Ordering::Relaxed)
+    }
+
+    /// Channels whose link is down.
+    pub fn down(&self) -> u64 {
+        self.down.load(Ordering::Relaxed)
+    }
+
+    fn moved(&self, from: LinkHealth, to: LinkHealth) {
+        let counter = |h| match h {
+            LinkHealth::Up => Some(&self.up),
+            LinkHealth::Down => Some(&self.down),
+            LinkHealth::Unknown => None,
+        };
+        if let Some(c) = counter(from) {
+            c.fetch_sub(1, Ordering::Relaxed);
+        }
+        if let Some(c) = counter(to) {
+            c.fetch_add(1, Ordering::Relaxed);
+        }
+    }
+}
+
 /// Start the actor of one link. Answers go to `answers` as [`Input::Executed`]; with a
 /// collection lane, finished collection jobs go to its `done`.
 pub fn spawn(
@@ -105,14 +140,34 @@ pub fn spawn(
     lane: Option<CollectLane>,
     shutdown: CancellationToken,
 ) -> (ChannelHandle, tokio::task::JoinHandle<()>) {
+    spawn_counted(link, meters, answers, lane, shutdown, Arc::default())
+}
+
+/// [`spawn`], counting the channel's health in `counts` (shared by all channels).
+pub fn spawn_counted(
+    link: LinkConfig,
+    meters: Vec<ChannelMeter>,
+    answers: mpsc::UnboundedSender<Input>,
+    lane: Option<CollectLane>,
+    shutdown: CancellationToken,
+    counts: Arc<HealthCounts>,
+) -> (ChannelHandle, tokio::task::JoinHandle<()>) {
     let (control, control_rx) = mpsc::unbounded_channel();
     let (collect, collect_rx) = mpsc::unbounded_channel();
     let (health_tx, health) = watch::channel(LinkHealth::Unknown);
     let name = link.name.clone();
     let mut meters = meters;
     meters.sort_by(|a, b| a.id.cmp(&b.id));
-    let actor =
-        Actor { link, open: None, meters: Meters(meters), health: health_tx, answers, control: control_rx, shutdown };
+    let actor = Actor {
+        link,
+        open: None,
+        meters: Meters(meters),
+        health: health_tx,
+        counts,
+        answers,
+        control: control_rx,
+        shutdown,
+    };
     // Without a lane the receiver is dropped, so `collect` fails at once.
     let collect_rx = lane.map(|l| (l, collect_rx));
     let task = tokio::spawn(actor.run(collect_rx));
@@ -147,12 +202,20 @@ struct Actor {
     open: Option<Link>,
     meters: Meters,
     health: watch::Sender<LinkHealth>,
+    counts: Arc<HealthCounts>,
     answers: mpsc::UnboundedSender<Input>,
     control: mpsc::UnboundedReceiver<Execution>,
     shutdown: CancellationToken,
 }
 
 impl Actor {
+    fn set_health(&self, h: LinkHealth) {
+        let old = self.health.send_replace(h);
+        if old != h {
+            self.counts.moved(old, h);
+        }
+    }
+
     async fn run(mut self, mut lane: Option<(CollectLane, mpsc::UnboundedReceiver<CollectJob>)>) {
         loop {
             let collect_next = async {
@@ -249,7 +312,7 @@ impl Actor {
             crate::observe::exchange(self.link.protocol, step.as_ref().err());
             match step {
                 Ok(()) => {
-                    self.health.send_replace(LinkHealth::Up);
+                    self.set_health(LinkHealth::Up);
                 }
                 Err(e) => {
                     if e.is_link_failure() {
@@ -276,7 +339,7 @@ impl Actor {
             match Link::open(&self.link).await {
                 Ok(l) => self.open = Some(l),
                 Err(e) => {
-                    self.health.send_replace(LinkHealth::Down);
+                    self.set_health(LinkHealth::Down);
                     return Err(e);
                 }
             }
@@ -292,7 +355,7 @@ impl Actor {
             m.driver.reset();
         }
         self.open = None;
-        self.health.send_replace(LinkHealth::Down);
+        self.set_health(LinkHealth::Down);
     }
 
     async fn execute(&mut self, work: &Execution) -> Outcome {
@@ -313,7 +376,7 @@ impl Actor {
         match &result {
             Outcome::Error(e) if e.is_link_failure() => self.link_failed(&work.meter, e),
             _ => {
-                self.health.send_replace(LinkHealth::Up);
+                self.set_health(LinkHealth::Up);
             }
         }
         result
@@ -334,7 +397,7 @@ impl Drop for Actor {
     /// queued on its control lane is answered, so no command waits on a dead channel;
     /// the engine's attempt deadline covers an answer lost any other way.
     fn drop(&mut self) {
-        self.health.send_replace(LinkHealth::Down);
+        self.set_health(LinkHealth::Down);
         self.control.close();
         while let Ok(w) = self.control.try_recv() {
             let outcome = Outcome::Error(MeterError::Unreachable(format!("channel {} stopped", self.link.name)));
@@ -422,7 +485,8 @@ mod tests {
             toml::from_str("name = \"l1\"\nprotocol = \"dlms-wrapper\"\naddress = \"127.0.0.1:9\"").expect("link");
         let (tx, mut rx) = mpsc::unbounded_channel();
         let stop = CancellationToken::new();
-        let (handle, task) = spawn(link, Vec::new(), tx, None, stop.clone());
+        let counts = Arc::new(HealthCounts::default());
+        let (handle, task) = spawn_counted(link, Vec::new(), tx, None, stop.clone(), Arc::clone(&counts));
         // Stopped before it served anything: both requests are still queued.
         stop.cancel();
         handle.execute(work("c1")).expect("queued");
@@ -435,6 +499,7 @@ mod tests {
         }
         assert_eq!(answered, vec!["c1", "c2"]);
         assert_eq!(handle.health(), LinkHealth::Down);
+        assert_eq!((counts.up(), counts.down()), (0, 1));
         assert!(handle.execute(work("c3")).is_err(), "a stopped channel takes no more work");
     }
 }

@@ -442,5 +442,6 @@ pub struct Engine {
     links: HashMap<String, LinkTurn>,
 }
 
+mod links;
 mod restore;
 mod run;

@@ -1,12 +1,14 @@
 //! The daemon: the MQTT bridge, the command engine, the journal and the channel actors,
 //! wired together.
 //!
-//! One task owns the engine. For every input (a command or payment from the broker, an
-//! answer from a channel, a timer) it runs the engine, commits everything the engine
-//! wants recorded to the journal in one transaction, and only then publishes and
-//! executes. An inbound MQTT message is acknowledged to the broker only after it is in
-//! the journal, and the session is persistent, so a crash at any point loses nothing:
-//! either the broker redelivers it, or the journal has it.
+//! One task owns the engine. Each turn of its loop takes every input ready (commands and
+//! payments from the broker, answers from channels, timers), runs the engine on them,
+//! commits everything the engine wants recorded, with the messages announcing it, to the
+//! journal in one transaction, and only then publishes (through the publisher task and
+//! its journal-backed outbox, [`publish`]), executes and acknowledges ([`turn`]). An
+//! inbound MQTT message is acknowledged to the broker only after it is in the journal,
+//! and the session is persistent, so a crash at any point loses nothing: either the
+//! broker redelivers it, or the journal has it. The loop never waits on the broker.
 
 use std::collections::HashMap;
 use std::sync::Arc;
@@ -16,17 +18,14 @@ use serde::Serialize;
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 
-use crate::channel::{self, ChannelHandle, ChannelMeter, LinkHealth};
+use crate::channel::{self, ChannelHandle, ChannelMeter, HealthCounts, LinkHealth};
 use crate::collect::{self, CollectCommand, Lanes, StartArgs};
-use crate::command::{answer_repeat, Command, Engine, Input, Outcome, Output, Record};
+use crate::command::{Engine, Execution, Input, Outcome};
 use crate::config::SiteConfig;
-use crate::contract::{
-    format_at, CommandRequest, ErrorBody, ErrorCode, Inbound, Payment, PaymentId, PaymentOutcome, PaymentReconnect,
-    Rejection, ResultMessage, StateMessage, StatusMessage, Topics, MAX_PAYLOAD,
-};
+use crate::contract::{format_at, StateMessage, StatusMessage, Topics};
 use crate::dlms::counter::CounterStore;
 use crate::driver::Driver;
-use crate::journal::{Accepted, Journal, PaymentAccepted};
+use crate::journal::{Journal, OutMessage};
 use crate::meter::MeterId;
 use crate::mqtt::{self, BrokerUrl, Client, Event, Message, QoS, Session};
 use crate::observe;
@@ -35,6 +34,10 @@ use crate::time::Clock;
 
 mod collection;
 mod lifecycle;
+mod publish;
+mod turn;
+
+use turn::{Turn, MAX_TURN};
 
 use collection::limit_allocator_arenas;
 pub(crate) use collection::release_freed_memory;
@@ -62,7 +65,11 @@ pub struct DaemonOptions {
 }
 
 enum FromBroker {
-    Connected,
+    /// CONNACK; `session_present`: the broker kept our session (and so, likely, its
+    /// retained messages).
+    Connected {
+        session_present: bool,
+    },
     Publish(Message),
 }
 
@@ -74,6 +81,10 @@ struct Daemon {
     engine: Engine,
     client: Client,
     channels: HashMap<String, ChannelHandle>,
+    /// Channels up and down, kept by the channels.
+    health: Arc<HealthCounts>,
+    /// To the publisher task.
+    outbox: mpsc::UnboundedSender<publish::Message>,
     meter_link: HashMap<MeterId, String>,
     answers: mpsc::UnboundedSender<Input>,
     /// What the state message says of each meter besides its relay: last contact, newest
@@ -82,6 +93,10 @@ struct Daemon {
     /// Which meter each execution in flight is for (answers carry only the command).
     in_flight: HashMap<(crate::contract::CommandId, u32), MeterId>,
     published_status: Option<StatusMessage>,
+    /// Subscribed (the first CONNACK came): `status` may say online.
+    subscribed: bool,
+    /// Shutting down: answers are still taken, nothing new is sent to a channel.
+    draining: bool,
     config_generation: u64,
     /// Asks the collector to collect now (`{p}/admin/collect`); None when collection is off.
     collect: Option<mpsc::UnboundedSender<CollectCommand>>,
@@ -129,10 +144,13 @@ pub async fn run(site: SiteConfig, opts: DaemonOptions, shutdown: CancellationTo
     let lanes = site.collection.enabled.then(|| Lanes::new(&site.collection, Arc::clone(&opts.clock)));
     let mut channels = HashMap::new();
     let mut channel_tasks = Vec::new();
+    let health = Arc::new(HealthCounts::default());
     for link in &site.links {
         let meters = by_link.remove(&link.name).unwrap_or_default();
         let lane = lanes.as_ref().map(Lanes::lane);
-        let (handle, task) = channel::spawn(link.clone(), meters, answers.clone(), lane, channel_stop.clone());
+        let stop = channel_stop.clone();
+        let (handle, task) =
+            channel::spawn_counted(link.clone(), meters, answers.clone(), lane, stop, Arc::clone(&health));
         channels.insert(link.name.clone(), handle);
         channel_tasks.push(task);
     }
@@ -158,6 +176,14 @@ pub async fn run(site: SiteConfig, opts: DaemonOptions, shutdown: CancellationTo
     mqtt_opts.set_inflight(100);
     tracing::info!(protocol = %mqtt_opts.protocol(), host = %url.host, port = url.port, tls = url.tls, "broker");
     let (client, mut eventloop) = mqtt::connect(mqtt_opts, 1024);
+    // Results, payment outcomes and states: a connection and a task of their own, fed
+    // from the journal's publish outbox (see `publish`).
+    let backlog = journal.unpublished().await.map_err(|e| DaemonError::Journal(e.to_string()))?;
+    let popts = mqtt::options(&site.mqtt, &url, &format!("{client_id}-results"), None, &site.base_dir)
+        .map_err(|e| setup(e.to_string()))?;
+    let (outbox, outbox_rx) = mpsc::unbounded_channel();
+    let publish_stop = CancellationToken::new();
+    let publisher = publish::spawn(popts, journal.clone(), backlog, outbox_rx, publish_stop.clone());
     // Readings go over a connection of their own (see `collect::outbox`).
     let collect_stop = CancellationToken::new();
     let mut collection = match lanes {
@@ -201,10 +227,7 @@ pub async fn run(site: SiteConfig, opts: DaemonOptions, shutdown: CancellationTo
                 Event::Connected { session_present } => {
                     observe::broker_connected();
                     backoff = Duration::from_millis(100);
-                    // Without a resumed session, whatever was published for us while we were
-                    // away (and our subscriptions) is gone at the broker: say so.
-                    tracing::info!(session_present, "broker session");
-                    let _ = from_broker_tx.send(FromBroker::Connected);
+                    let _ = from_broker_tx.send(FromBroker::Connected { session_present });
                 }
                 Event::Message(m) => {
                     let _ = from_broker_tx.send(FromBroker::Publish(m));
@@ -236,17 +259,23 @@ pub async fn run(site: SiteConfig, opts: DaemonOptions, shutdown: CancellationTo
         engine,
         client,
         channels,
+        health,
+        outbox,
         meter_link,
         answers,
         seen: HashMap::new(),
         in_flight: HashMap::new(),
         published_status: None,
+        subscribed: false,
+        draining: false,
         config_generation: 0,
         collect: collection.as_ref().map(|c| c.commands.clone()),
     };
     let mut reload = opts.reload;
     let result = async {
-        d.apply(restored).await?;
+        let mut t = Turn::default();
+        d.take(restored, &mut t);
+        d.finish_turn(t).await?;
         loop {
             let next_config = async {
                 match reload.as_mut() {
@@ -267,42 +296,44 @@ pub async fn run(site: SiteConfig, opts: DaemonOptions, shutdown: CancellationTo
                     None => std::future::pending().await,
                 }
             };
+            let mut inbound = Vec::new();
+            let mut answers = Vec::new();
             tokio::select! {
                 _ = shutdown.cancelled() => break,
-                Some(msg) = from_broker.recv() => match msg {
-                    FromBroker::Connected => d.on_connected().await,
-                    FromBroker::Publish(p) => d.on_publish(p).await?,
-                },
-                Some(input) = answers_rx.recv() => {
-                    let contact = match &input {
-                        Input::Executed { command, attempt, outcome } => d.note_contact(command, *attempt, outcome),
-                        _ => None,
-                    };
-                    let out = d.engine.handle(input, d.clock.now_ms());
-                    let published = d.apply(out).await?;
-                    if let Some(meter) = contact.filter(|m| !published.contains(m)) {
-                        d.publish_state(&meter).await;
-                    }
-                    d.publish_status().await;
-                }
-                _ = timer => {
-                    let out = d.engine.handle(Input::Tick, d.clock.now_ms());
-                    d.apply(out).await?;
-                }
+                Some(msg) = from_broker.recv() => inbound.push(msg),
+                Some(input) = answers_rx.recv() => answers.push(input),
+                _ = timer => {}
                 Some(new) = next_config => {
                     d.reload(new);
-                    d.publish_status().await;
+                    d.publish_status();
+                    continue;
                 }
-                Some(note) = next_note => d.on_collect_note(note).await,
+                Some(note) = next_note => {
+                    d.on_collect_note(note).await;
+                    continue;
+                }
             }
+            // Group commit: whatever else is ready joins this turn, which costs two
+            // journal commits (the arrivals, then the engine's records with the messages
+            // announcing them) however many inputs it holds.
+            while inbound.len() + answers.len() < MAX_TURN {
+                let (a, b) = (from_broker.try_recv(), answers_rx.try_recv());
+                let more = a.is_ok() || b.is_ok();
+                inbound.extend(a.ok());
+                answers.extend(b.ok());
+                if !more {
+                    break;
+                }
+            }
+            d.turn(inbound, answers).await?;
         }
         Ok::<(), DaemonError>(())
     }
     .await;
 
     // Drain (see `lifecycle`): no new work; exchanges in progress finish within the bound
-    // and their commands stay resumable in the journal. Readings not yet acknowledged
-    // stay in the outbox and are published after the restart.
+    // and their commands stay resumable in the journal. Readings and results not yet
+    // acknowledged stay in their outboxes and are published after the restart.
     observe::draining();
     let deadline = tokio::time::Instant::now() + Duration::from_secs(d.site.drain_timeout_s.min(3600));
     collect_stop.cancel();
@@ -312,6 +343,9 @@ pub async fn run(site: SiteConfig, opts: DaemonOptions, shutdown: CancellationTo
     }
     channel_stop.cancel();
     let drained = d.drain_channels(&mut answers_rx, channel_tasks, deadline, result.is_ok()).await;
+    publish_stop.cancel();
+    let _ =
+        tokio::time::timeout_at(deadline.max(tokio::time::Instant::now() + Duration::from_secs(2)), publisher).await;
     d.go_offline(poller, poller_stop).await;
     observe::stop(endpoints).await;
     result.and(drained)
@@ -322,41 +356,59 @@ fn json<T: Serialize>(v: &T) -> String {
 }
 
 impl Daemon {
-    async fn on_connected(&mut self) {
+    /// The main connection is up. Subscriptions are renewed; when the broker kept no
+    /// session for us (first start, or a broker restarted without persistence) it may
+    /// have lost the retained `state/{meter}` messages too, so every meter's state is
+    /// published again (retained, not stored: the current value is recomputed anyway).
+    fn on_connected(&mut self, session_present: bool) {
         let admin = self.admin_topic();
-        let mut topics = vec![
-            (self.topics.cmd_filter(), QoS::AtLeastOnce),
-            (self.topics.payments(), QoS::AtLeastOnce),
-            (admin, QoS::AtLeastOnce),
-        ];
+        let mut topics = vec![self.topics.cmd_filter(), self.topics.payments(), admin];
         if self.collect.is_some() {
-            topics.push((self.collect_topic(), QoS::AtLeastOnce));
+            topics.push(self.collect_topic());
         }
-        for (topic, qos) in topics {
-            if let Err(e) = self.client.subscribe(topic, qos).await {
+        for topic in topics {
+            if let Err(e) = self.client.try_subscribe(topic, QoS::AtLeastOnce) {
                 tracing::error!(error = %e, "subscribe");
             }
         }
+        self.subscribed = true;
         self.published_status = None;
-        self.publish_status().await;
+        self.publish_status();
+        if !session_present {
+            let meters: Vec<MeterId> = self.meter_link.keys().cloned().collect();
+            let mut n = 0;
+            for m in meters {
+                if let Some(msg) = self.state_message(&m) {
+                    let _ = self.outbox.send(publish::Message { seq: None, message: msg });
+                    n += 1;
+                }
+            }
+            if n > 0 {
+                tracing::info!(meters = n, "the broker kept no session: meters' states published again");
+            }
+        }
     }
 
-    /// The daemon's retained status, republished when it changes.
-    async fn publish_status(&mut self) {
-        let up = self.channels.values().filter(|c| c.health() == LinkHealth::Up).count() as u64;
-        let down = self.channels.values().filter(|c| c.health() == LinkHealth::Down).count() as u64;
+    /// The daemon's retained status, republished when it changes. Never waits: when the
+    /// connection cannot take it now, it is tried again after the next change or
+    /// reconnect.
+    fn publish_status(&mut self) {
+        // Not before the subscriptions: `online` tells callers they may send commands.
+        if !self.subscribed {
+            return;
+        }
         let status = StatusMessage {
             online: true,
             version: Some(env!("CARGO_PKG_VERSION").to_owned()),
             meters: Some(self.meter_link.len() as u64),
-            channels_up: Some(up),
-            channels_down: Some(down),
+            channels_up: Some(self.health.up()),
+            channels_down: Some(self.health.down()),
             config_generation: Some(self.config_generation),
         };
         if self.published_status.as_ref() == Some(&status) {
             return;
         }
-        if self.client.publish(self.topics.status(), QoS::AtLeastOnce, true, json(&status)).await.is_ok() {
+        if self.client.try_publish(self.topics.status(), QoS::AtLeastOnce, true, json(&status)).is_ok() {
             self.published_status = Some(status);
         }
     }
@@ -392,245 +444,30 @@ impl Daemon {
         self.clock.now_ms()
     }
 
-    async fn ack(&self, p: &Message) {
-        if let Err(e) = self.client.ack(&p.ack).await {
+    /// Acknowledge an inbound message to the broker; never waits (a message whose ack
+    /// could not be queued is redelivered by the broker, and the journal makes the
+    /// repeat harmless).
+    fn ack(&self, p: &Message) {
+        if let Err(e) = self.client.try_ack(&p.ack) {
             tracing::warn!(error = %e, "ack");
         }
     }
 
-    async fn on_publish(&mut self, p: Message) -> Result<(), DaemonError> {
-        let topic = p.topic.clone();
-        match self.topics.parse_inbound(&topic) {
-            Some(Inbound::Command(meter)) => self.on_command(Some(meter), &topic, &p).await?,
-            Some(Inbound::CommandBadMeter(_)) => self.on_command(None, &topic, &p).await?,
-            Some(Inbound::Payments) => self.on_payment(&p).await?,
-            None if topic == self.admin_topic() => self.on_lift_quarantine(&p).await?,
-            None if topic == self.collect_topic() => self.on_collect_now(&p),
-            None => tracing::debug!(%topic, "ignored"),
-        }
-        // Acked only now: everything above that had to be durable is in the journal.
-        self.ack(&p).await;
-        Ok(())
-    }
-
-    async fn on_command(&mut self, meter: Option<MeterId>, topic: &str, p: &Message) -> Result<(), DaemonError> {
-        let now = self.now();
-        let raw_meter = topic.rsplit('/').next().unwrap_or_default().to_owned();
-        // `pay:` ids are the daemon's own (payment-driven reconnects): a caller taking one
-        // first could block the reconnect a payment is owed.
-        let parsed = CommandRequest::parse(&p.payload).and_then(|r| {
-            if r.id.as_str().starts_with("pay:") {
-                Err(Rejection {
-                    id: Some(r.id.to_string()),
-                    code: ErrorCode::InvalidPayload,
-                    message: "command ids starting with `pay:` are reserved for payment-driven reconnects".into(),
-                })
-            } else {
-                Ok(r)
-            }
-        });
-        let (meter, request) = match (meter, parsed) {
-            (Some(m), Ok(r)) if self.engine.registry().meter(&m).is_some() => (m, r),
-            (meter, parsed) => {
-                let rejection = match (&meter, parsed) {
-                    (_, Err(r)) => r,
-                    (None, Ok(r)) => Rejection {
-                        id: Some(r.id.to_string()),
-                        code: ErrorCode::InvalidPayload,
-                        message: format!("{raw_meter:?} is not a valid meter id"),
-                    },
-                    (Some(m), Ok(r)) => Rejection {
-                        id: Some(r.id.to_string()),
-                        code: ErrorCode::UnknownMeter,
-                        message: format!("meter {m} is not in the registry"),
-                    },
-                };
-                let offset = self.site.policy.utc_offset_minutes;
-                let msg = ResultMessage::for_rejection(&raw_meter, &rejection, format_at(now, offset));
-                observe::command_status(&msg);
-                self.record(vec![Record::Note { meter: raw_meter.clone(), message: msg.clone() }]).await?;
-                let topic = match &meter {
-                    Some(m) => Some(self.topics.result(m)),
-                    None => self.topics.result_raw(&raw_meter),
-                };
-                if let Some(t) = topic {
-                    self.publish(t, &msg).await;
-                }
-                return Ok(());
-            }
+    /// Hand work to its meter's channel; a channel that is gone answers at once.
+    fn execute(&mut self, work: Execution) {
+        self.in_flight.insert((work.command.clone(), work.attempt), work.meter.clone());
+        let channel = self.meter_link.get(&work.meter).and_then(|l| self.channels.get(l));
+        let refused = match channel {
+            Some(c) => c.execute(work).err(),
+            None => Some(work),
         };
-        let cmd = Command::new(meter.clone(), request.clone(), now, self.engine.config());
-        match self.journal.accept_command(&cmd).await.map_err(|e| DaemonError::Journal(e.to_string()))? {
-            Accepted::New => {
-                let out = self.engine.handle(Input::Command(cmd), now);
-                self.apply(out).await?;
-            }
-            Accepted::Seen { same_content, latest } => {
-                let offset = self.engine.offset_of(&meter);
-                let msg = answer_repeat(&meter, &request, same_content, latest.as_deref(), now, offset);
-                self.record(vec![Record::Note { meter: meter.to_string(), message: msg.clone() }]).await?;
-                self.publish(self.topics.result(&meter), &msg).await;
-            }
+        if let Some(work) = refused {
+            let outcome = Outcome::Error(crate::meter::MeterError::Unreachable(format!(
+                "no running channel for meter {}",
+                work.meter
+            )));
+            let _ = self.answers.send(Input::Executed { command: work.command, attempt: work.attempt, outcome });
         }
-        Ok(())
-    }
-
-    async fn on_payment(&mut self, p: &Message) -> Result<(), DaemonError> {
-        let now = self.now();
-        let mut outcome = PaymentOutcome {
-            id: None,
-            account: None,
-            cleared: false,
-            duplicate: false,
-            reconnects: Vec::new(),
-            error: None,
-        };
-        match Payment::parse(&p.payload) {
-            Err(r) => {
-                outcome.id = r.id.clone();
-                outcome.error = Some(ErrorBody::new(r.code, r.message));
-            }
-            Ok(payment) => {
-                outcome.id = Some(payment.id.to_string());
-                outcome.account = Some(payment.account.to_string());
-                outcome.cleared = payment.cleared;
-                let accepted = self
-                    .journal
-                    .accept_payment(&payment, now)
-                    .await
-                    .map_err(|e| DaemonError::Journal(e.to_string()))?;
-                match accepted {
-                    PaymentAccepted::New | PaymentAccepted::NowCleared => {
-                        let out =
-                            self.engine.handle(Input::Payment { payment: payment.clone(), received_ms: now }, now);
-                        outcome.reconnects = out
-                            .iter()
-                            .filter_map(|o| match o {
-                                Output::Persist(Record::Command(c)) => {
-                                    Some(PaymentReconnect { id: c.id().to_string(), meter: c.meter.to_string() })
-                                }
-                                _ => None,
-                            })
-                            .collect();
-                        self.apply(out).await?;
-                    }
-                    PaymentAccepted::Duplicate => outcome.duplicate = true,
-                    PaymentAccepted::Conflict => {
-                        outcome.duplicate = true;
-                        outcome.error = Some(ErrorBody::new(
-                            ErrorCode::DuplicateId,
-                            "this payment id was used before with different content",
-                        ));
-                    }
-                }
-            }
-        }
-        observe::payment(&outcome);
-        if let Some(id) = outcome.id.as_deref().and_then(|i| PaymentId::new(i).ok()) {
-            let topic = format!("{}/payment/{}", self.topics.prefix(), id.as_str());
-            let _ = self.client.publish(topic, QoS::AtLeastOnce, false, json(&outcome)).await;
-        }
-        Ok(())
-    }
-
-    /// `{p}/admin/lift-quarantine` (an extension; the broker's ACL lets only operators
-    /// publish there): `{"by": "...", "why": "..."}` lifts the disconnect quarantine. The
-    /// engine records who and why in the journal.
-    fn admin_topic(&self) -> String {
-        format!("{}/admin/lift-quarantine", self.topics.prefix())
-    }
-
-    async fn on_lift_quarantine(&mut self, p: &Message) -> Result<(), DaemonError> {
-        #[derive(serde::Deserialize)]
-        struct Lift {
-            by: String,
-            why: String,
-        }
-        let lift = serde_json::from_slice::<Lift>(&p.payload).ok().filter(|l| {
-            let by = l.by.trim();
-            !by.is_empty() && by.chars().count() <= 256 && !l.why.trim().is_empty() && l.why.chars().count() <= 1024
-        });
-        let Some(lift) = lift else {
-            tracing::warn!("lift-quarantine refused: expected {{\"by\": name, \"why\": reason}}");
-            return Ok(());
-        };
-        tracing::warn!(by = %lift.by, why = %lift.why, "quarantine lifted by an operator");
-        let out = self.engine.handle(Input::LiftQuarantine { by: lift.by, why: lift.why }, self.now());
-        self.apply(out).await.map(|_| ())
-    }
-
-    async fn record(&self, records: Vec<Record>) -> Result<(), DaemonError> {
-        if records.is_empty() {
-            return Ok(());
-        }
-        self.journal.record(records).await.map_err(|e| DaemonError::Journal(e.to_string()))
-    }
-
-    async fn publish<T: Serialize>(&self, topic: String, msg: &T) {
-        let body = json(msg);
-        if body.len() > MAX_PAYLOAD {
-            tracing::error!(%topic, "message larger than the contract allows; not published");
-            return;
-        }
-        if let Err(e) = self.client.publish(topic, QoS::AtLeastOnce, false, body).await {
-            tracing::error!(error = %e, "publish");
-        }
-    }
-
-    /// Commit what the engine wants recorded, then publish and execute. Returns the
-    /// meters whose state was republished.
-    async fn apply(&mut self, outputs: Vec<Output>) -> Result<Vec<MeterId>, DaemonError> {
-        let mut records = Vec::new();
-        let mut rest = Vec::new();
-        for o in outputs {
-            match o {
-                Output::Persist(r) => records.push(r),
-                other => rest.push(other),
-            }
-        }
-        let meters_changed: Vec<MeterId> = records
-            .iter()
-            .filter_map(|r| match r {
-                Record::Meter(m) => Some(m.meter.clone()),
-                _ => None,
-            })
-            .collect();
-        self.record(records).await?;
-        for o in rest {
-            match o {
-                Output::Publish { meter, message } => {
-                    observe::command_status(&message);
-                    self.publish(self.topics.result(&meter), &message).await
-                }
-                Output::Execute(work) => {
-                    self.in_flight.insert((work.command.clone(), work.attempt), work.meter.clone());
-                    let channel = self.meter_link.get(&work.meter).and_then(|l| self.channels.get(l));
-                    let refused = match channel {
-                        Some(c) => c.execute(work).err(),
-                        None => Some(work),
-                    };
-                    if let Some(work) = refused {
-                        let outcome = Outcome::Error(crate::meter::MeterError::Unreachable(format!(
-                            "no running channel for meter {}",
-                            work.meter
-                        )));
-                        let _ = self.answers.send(Input::Executed {
-                            command: work.command,
-                            attempt: work.attempt,
-                            outcome,
-                        });
-                    }
-                }
-                Output::Persist(_) => {}
-            }
-        }
-        observe::quarantine(self.engine.policy().quarantine().is_some());
-        let mut meters_changed = meters_changed;
-        meters_changed.dedup();
-        for m in &meters_changed {
-            self.publish_state(m).await;
-        }
-        Ok(meters_changed)
     }
 
     /// Remember when a meter last answered; returns the meter when its online state
@@ -653,12 +490,13 @@ impl Daemon {
         Some(meter)
     }
 
-    async fn publish_state(&self, meter: &MeterId) {
+    /// What `state/{meter}` says now, if anything is known of the meter.
+    fn state_message(&self, meter: &MeterId) -> Option<OutMessage> {
         let view = self.engine.meter(meter);
         let seen = self.seen.get(meter).copied().unwrap_or_default();
         let (last_reading, drift_s) = (seen.reading_s, seen.drift_s);
         if view.is_none() && last_reading.is_none() && drift_s.is_none() {
-            return;
+            return None;
         }
         let offset = self.engine.offset_of(meter);
         let entry = self.engine.registry().meter(meter);
@@ -678,9 +516,14 @@ impl Daemon {
             last_reading: last_reading.map(|s| crate::time::format_rfc3339(s, offset)),
             drift_s,
         };
-        let body = json(&state);
-        if let Err(e) = self.client.publish(self.topics.state(meter), QoS::AtLeastOnce, true, body).await {
-            tracing::error!(error = %e, "publish state");
+        Some(OutMessage { topic: self.topics.state(meter), payload: json(&state), retain: true })
+    }
+
+    /// Publish a meter's state now without storing it (collection's notes: contact,
+    /// newest reading, drift; recomputed after a restart anyway).
+    async fn publish_state(&self, meter: &MeterId) {
+        if let Some(message) = self.state_message(meter) {
+            let _ = self.outbox.send(publish::Message { seq: None, message });
         }
     }
 }

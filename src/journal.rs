@@ -39,10 +39,12 @@ use crate::command::{Command, MeterRecord, Record, Recovered, StoredCommand};
 use crate::contract::{AccountId, Payment, ResultMessage};
 use crate::policy::QuarantineState;
 
+mod publish;
 mod readings;
 mod schema;
 mod store;
 
+pub use publish::{Arrival, OutMessage, Taken, Unpublished};
 pub use readings::{NewBatch, OutboxEntry, Progress, Stored};
 
 pub use schema::LATEST as SCHEMA_VERSION;

@@ -372,3 +372,41 @@ async fn a_crash_between_a_payment_and_its_reconnects_loses_no_reconnect() {
     j.accept_payment(&payment("pay-10", "ACC-1", false), T0 + 20).await.expect("accept");
     assert!(j.recover().await.expect("recover").payments.is_empty());
 }
+
+/// The publish outbox: messages committed with their records, kept until acknowledged.
+#[tokio::test]
+async fn messages_committed_with_their_records_stay_until_acknowledged() {
+    let dir = TempDir::new("outbox");
+    let msg = |n: u32| OutMessage { topic: format!("t/{n}"), payload: format!("{{\"n\":{n}}}"), retain: n == 2 };
+    let seqs = {
+        let j = Journal::open(&dir.file()).expect("open");
+        let mut e = Engine::new(CommandsConfig::default(), registry(), PolicyConfig::default());
+        let c = reconnect("c1", "M1");
+        let taken = j.accept_all(vec![Arrival::Command(c.clone())]).await.expect("accept");
+        assert_eq!(taken, vec![Taken::Command(Accepted::New)]);
+        let records = persisted(&e.handle(Input::Command(c), T0));
+        j.commit(records, vec![msg(1), msg(2), msg(3)]).await.expect("commit")
+    };
+    assert_eq!(seqs.len(), 3);
+    assert!(seqs.windows(2).all(|w| w[0] < w[1]), "in order: {seqs:?}");
+    // After a crash: the records and every message are there, in order.
+    let j = Journal::open(&dir.file()).expect("reopen");
+    assert_eq!(j.pending_commands().await.expect("pending")[0].status, Status::Executing);
+    let left = j.unpublished().await.expect("outbox");
+    assert_eq!(left.iter().map(|u| u.message.clone()).collect::<Vec<_>>(), vec![msg(1), msg(2), msg(3)]);
+    j.published(vec![seqs[0], seqs[2]]).await.expect("acknowledged");
+    let left = j.unpublished().await.expect("outbox");
+    assert_eq!(left.iter().map(|u| (u.seq, u.message.retain)).collect::<Vec<_>>(), vec![(seqs[1], true)]);
+    // A failing record takes its messages down with it: never a message for nothing.
+    let bad = Record::Status(StatusRecord {
+        command: CommandId::new("nope").expect("id"),
+        meter: m("M1"),
+        status: Status::Failed,
+        attempts: 1,
+        wake_ms: None,
+        at_ms: T0,
+        message: ResultMessage::new(Some("nope".into()), "M1", Status::Failed, "2026-11-28T09:00:00+08:00".into()),
+    });
+    assert!(j.commit(vec![bad], vec![msg(4)]).await.is_err());
+    assert_eq!(j.unpublished().await.expect("outbox").len(), 1);
+}

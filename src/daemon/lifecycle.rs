@@ -19,7 +19,7 @@ use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
 use super::{json, Daemon, DaemonError};
-use crate::command::{Input, Output};
+use crate::command::Input;
 use crate::contract::StatusMessage;
 
 /// Time the goodbye to the broker may take after the drain.
@@ -61,17 +61,8 @@ impl Daemon {
     }
 
     async fn take_answer(&mut self, input: Input) -> Result<(), DaemonError> {
-        let contact = match &input {
-            Input::Executed { command, attempt, outcome } => self.note_contact(command, *attempt, outcome),
-            _ => None,
-        };
-        let mut out = self.engine.handle(input, self.clock.now_ms());
-        out.retain(|o| !matches!(o, Output::Execute(_)));
-        let published = self.apply(out).await?;
-        if let Some(meter) = contact.filter(|m| !published.contains(m)) {
-            self.publish_state(&meter).await;
-        }
-        Ok(())
+        self.draining = true;
+        self.turn(Vec::new(), vec![input]).await
     }
 
     /// Publish the retained offline status and end the MQTT session cleanly (so the last

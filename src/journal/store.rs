@@ -31,11 +31,13 @@ fn insert_command(c: &Connection, cmd: &Command, kind: &str) -> Result<bool, Jou
     let request = r.to_json();
     let trigger = cmd.trigger.as_ref().map(PaymentId::as_str);
     let reason = r.reason.map(Reason::as_str);
-    let n = c.execute(
-        "INSERT OR IGNORE INTO commands (id, meter, action, reason, operator, trigger_payment, request,
+    let n = c
+        .prepare_cached(
+            "INSERT OR IGNORE INTO commands (id, meter, action, reason, operator, trigger_payment, request,
              received_ms, expires_ms, status, attempts, final, updated_ms)
          VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, 'accepted', 0, 0, ?8)",
-        params![
+        )?
+        .execute(params![
             r.id.as_str(),
             cmd.meter.as_str(),
             r.action.as_str(),
@@ -45,14 +47,22 @@ fn insert_command(c: &Connection, cmd: &Command, kind: &str) -> Result<bool, Jou
             request,
             cmd.received_ms,
             cmd.expires_ms
-        ],
-    )?;
+        ])?;
     if n == 1 {
-        c.execute(
+        c.prepare_cached(
             "INSERT INTO events (at_ms, kind, meter, command, status, operator, reason, trigger_payment, detail)
              VALUES (?1, ?2, ?3, ?4, 'accepted', ?5, ?6, ?7, ?8)",
-            params![cmd.received_ms, kind, cmd.meter.as_str(), r.id.as_str(), r.operator, reason, trigger, request],
-        )?;
+        )?
+        .execute(params![
+            cmd.received_ms,
+            kind,
+            cmd.meter.as_str(),
+            r.id.as_str(),
+            r.operator,
+            reason,
+            trigger,
+            request
+        ])?;
     }
     Ok(n == 1)
 }
@@ -60,9 +70,8 @@ fn insert_command(c: &Connection, cmd: &Command, kind: &str) -> Result<bool, Jou
 /// Insert a new command, or say what is already stored under its id.
 pub(super) fn accept_command(c: &Connection, cmd: &Command) -> Result<Accepted, JournalError> {
     let stored: Option<(String, String, Option<String>)> = c
-        .query_row("SELECT meter, request, latest FROM commands WHERE id = ?1", [cmd.id().as_str()], |r| {
-            Ok((r.get(0)?, r.get(1)?, r.get(2)?))
-        })
+        .prepare_cached("SELECT meter, request, latest FROM commands WHERE id = ?1")?
+        .query_row([cmd.id().as_str()], |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)))
         .optional()?;
     let Some((meter, request, latest)) = stored else {
         insert_command(c, cmd, "command")?;
@@ -78,8 +87,10 @@ pub(super) fn accept_command(c: &Connection, cmd: &Command) -> Result<Accepted, 
 pub(super) fn accept_payment(c: &Connection, p: &Payment, received_ms: i64) -> Result<PaymentAccepted, JournalError> {
     let body = p.to_json();
     let confirmed = p.confirmed_at.map(|t| t.unix_ms());
-    let stored: Option<String> =
-        c.query_row("SELECT body FROM payments WHERE id = ?1", [p.id.as_str()], |r| r.get(0)).optional()?;
+    let stored: Option<String> = c
+        .prepare_cached("SELECT body FROM payments WHERE id = ?1")?
+        .query_row([p.id.as_str()], |r| r.get(0))
+        .optional()?;
     let outcome = match stored {
         None => {
             // A cleared payment is unprocessed until the engine's records for it commit.
@@ -105,10 +116,10 @@ pub(super) fn accept_payment(c: &Connection, p: &Payment, received_ms: i64) -> R
             if &old == p {
                 return Ok(PaymentAccepted::Duplicate);
             } else if !old.cleared && p.cleared && &upgraded == p {
-                c.execute(
+                c.prepare_cached(
                     "UPDATE payments SET cleared = 1, confirmed_ms = ?2, body = ?3, processed = 0 WHERE id = ?1",
-                    params![p.id.as_str(), confirmed, body],
-                )?;
+                )?
+                .execute(params![p.id.as_str(), confirmed, body])?;
                 PaymentAccepted::NowCleared
             } else {
                 PaymentAccepted::Conflict
@@ -116,10 +127,8 @@ pub(super) fn accept_payment(c: &Connection, p: &Payment, received_ms: i64) -> R
         }
     };
     if outcome != PaymentAccepted::Conflict {
-        c.execute(
-            "INSERT INTO events (at_ms, kind, trigger_payment, detail) VALUES (?1, 'payment', ?2, ?3)",
-            params![received_ms, p.id.as_str(), body],
-        )?;
+        c.prepare_cached("INSERT INTO events (at_ms, kind, trigger_payment, detail) VALUES (?1, 'payment', ?2, ?3)")?
+            .execute(params![received_ms, p.id.as_str(), body])?;
     }
     Ok(outcome)
 }
@@ -138,10 +147,12 @@ pub(super) fn apply(c: &Connection, rec: &Record) -> Result<(), JournalError> {
         }
         Record::Status(s) => {
             let message = json(&s.message);
-            let n = c.execute(
-                "UPDATE commands SET status = ?2, attempts = ?3, wake_ms = ?4, final = ?5, latest = ?6,
+            let n = c
+                .prepare_cached(
+                    "UPDATE commands SET status = ?2, attempts = ?3, wake_ms = ?4, final = ?5, latest = ?6,
                      updated_ms = ?7 WHERE id = ?1",
-                params![
+                )?
+                .execute(params![
                     s.command.as_str(),
                     s.status.as_str(),
                     s.attempts,
@@ -149,30 +160,40 @@ pub(super) fn apply(c: &Connection, rec: &Record) -> Result<(), JournalError> {
                     s.status.is_final(),
                     message,
                     s.at_ms
-                ],
-            )?;
+                ])?;
             if n == 0 {
                 return Err(JournalError::UnknownCommand(s.command.to_string()));
             }
-            c.execute(
+            c.prepare_cached(
                 "INSERT INTO events (at_ms, kind, meter, command, status, operator, reason, trigger_payment, detail)
                  SELECT ?1, 'status', meter, id, ?2, operator, reason, trigger_payment, ?3
                  FROM commands WHERE id = ?4",
-                params![s.at_ms, s.status.as_str(), message, s.command.as_str()],
-            )?;
+            )?
+            .execute(params![s.at_ms, s.status.as_str(), message, s.command.as_str()])?;
         }
         Record::Meter(m) => {
             let at = m.since_ms.unwrap_or(0);
-            c.execute(
+            c.prepare_cached(
                 "INSERT INTO meters (meter, relay, cut_reason, since_ms, updated_ms) VALUES (?1, ?2, ?3, ?4, ?5)
                  ON CONFLICT(meter) DO UPDATE SET relay = ?2, cut_reason = ?3, since_ms = ?4, updated_ms = ?5",
-                params![m.meter.as_str(), relay_text(m.relay), m.cut_reason.map(Reason::as_str), m.since_ms, at],
-            )?;
+            )?
+            .execute(params![
+                m.meter.as_str(),
+                relay_text(m.relay),
+                m.cut_reason.map(Reason::as_str),
+                m.since_ms,
+                at
+            ])?;
             let detail = serde_json::json!({"relay": relay_text(m.relay), "cut_reason": m.cut_reason});
-            c.execute(
+            c.prepare_cached(
                 "INSERT INTO events (at_ms, kind, meter, reason, detail) VALUES (?1, 'meter', ?2, ?3, ?4)",
-                params![at, m.meter.as_str(), m.cut_reason.map(Reason::as_str), detail.to_string()],
-            )?;
+            )?
+            .execute(params![
+                at,
+                m.meter.as_str(),
+                m.cut_reason.map(Reason::as_str),
+                detail.to_string()
+            ])?;
         }
         Record::PaymentProcessed(id) => {
             c.prepare_cached("UPDATE payments SET processed = 1 WHERE id = ?1")?.execute([id.as_str()])?;
@@ -183,18 +204,17 @@ pub(super) fn apply(c: &Connection, rec: &Record) -> Result<(), JournalError> {
                 QuarantineEvent::Lifted { at_ms, by, .. } => (*at_ms, "lifted", Some(by.as_str())),
             };
             let detail = json(ev);
-            c.execute("INSERT INTO quarantine (at_ms, event, detail) VALUES (?1, ?2, ?3)", params![at, name, detail])?;
-            c.execute(
-                "INSERT INTO events (at_ms, kind, operator, detail) VALUES (?1, 'quarantine', ?2, ?3)",
-                params![at, operator, detail],
-            )?;
+            c.prepare_cached("INSERT INTO quarantine (at_ms, event, detail) VALUES (?1, ?2, ?3)")?
+                .execute(params![at, name, detail])?;
+            c.prepare_cached("INSERT INTO events (at_ms, kind, operator, detail) VALUES (?1, 'quarantine', ?2, ?3)")?
+                .execute(params![at, operator, detail])?;
         }
         Record::Note { meter, message } => {
             let at = crate::time::parse_rfc3339_ms(&message.at).unwrap_or(0);
-            c.execute(
+            c.prepare_cached(
                 "INSERT INTO events (at_ms, kind, meter, command, status, detail) VALUES (?1, 'note', ?2, ?3, ?4, ?5)",
-                params![at, meter, message.id, message.status.as_str(), json(message)],
-            )?;
+            )?
+            .execute(params![at, meter, message.id, message.status.as_str(), json(message)])?;
         }
     }
     Ok(())

@@ -168,6 +168,15 @@ impl Client {
         }
     }
 
+    /// [`Client::ack`], or fail at once when the request queue is full (the broker
+    /// then delivers the message again).
+    pub fn try_ack(&self, token: &AckToken) -> Result<(), ClientError> {
+        match &self.0 {
+            ClientInner::V311(c) => c.try_ack(&v4_publish(token)).map_err(client_err),
+            ClientInner::V5(c) => c.try_ack(&v5_publish(token)).map_err(client_err),
+        }
+    }
+
     /// Queue a DISCONNECT: the broker drops the last will, and (MQTT 5) keeps a
     /// persistent session for its expiry interval.
     pub async fn disconnect(&self) -> Result<(), ClientError> {
