@@ -227,6 +227,9 @@ pub async fn run(site: SiteConfig, opts: DaemonOptions, shutdown: CancellationTo
                 Event::Connected { session_present } => {
                     observe::broker_connected();
                     backoff = Duration::from_millis(100);
+                    // Without a resumed session, whatever was published for us while we were
+                    // away (and our subscriptions) is gone at the broker: say so.
+                    tracing::info!(session_present, "broker session");
                     let _ = from_broker_tx.send(FromBroker::Connected { session_present });
                 }
                 Event::Message(m) => {
