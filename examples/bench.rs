@@ -222,6 +222,8 @@ impl RigArgs {
 }
 
 fn main() -> ExitCode {
+    // As `headend`'s main: one malloc arena, before any thread allocates.
+    headend::collect::limit_allocator_arenas();
     let cli = Cli::parse();
     tracing_subscriber::fmt()
         .with_env_filter(

@@ -41,6 +41,8 @@ enum Command {
 }
 
 fn main() -> ExitCode {
+    // Before any thread allocates: one malloc arena (docs/collection.md, Memory).
+    headend::collect::limit_allocator_arenas();
     let cli = Cli::parse();
     tracing_subscriber::fmt()
         .with_env_filter(

@@ -358,10 +358,15 @@ impl DlmsMeter {
         Ok((scaler, unit))
     }
 
-    /// Release the association and close the link (RLRQ, then DISC on HDLC).
+    /// Release the association and close the link: RLRQ over the wrapper, DISC on HDLC.
     pub async fn close(&mut self, port: &mut Port) {
+        // Releasing the HDLC connection releases the association it carries (IEC
+        // 62056-5-3: an AA ends with its supporting layer), so on HDLC the DISC alone does
+        // it: one exchange fewer per collection job. Over the wrapper the TCP connection
+        // stays up for the other logical devices behind it: RLRQ.
+        let on_hdlc = matches!(&self.transport, Transport::Hdlc(h) if h.is_connected());
         if let Some(mut session) = self.session.take() {
-            if session.state() == SessionState::Associated {
+            if !on_hdlc && session.state() == SessionState::Associated {
                 let mut req = vec![0u8; 256];
                 if let Ok(n) = session.release_request(&mut req) {
                     let _ = self.exchange(port, req.get(..n).unwrap_or(&[])).await;
