@@ -245,7 +245,16 @@ impl JobRun {
         };
         let (Driver::Dlms(meter), Link::Dlms(port)) = (d, link) else { return Ok(false) };
         let sub_to = self.sub_range(from_s, to_s);
-        let (meter_clock, part) = meter.read_clock_and_profile(port, self.job.profile, from_s, sub_to).await?;
+        let (meter_clock, part) = match meter.read_clock_and_profile(port, self.job.profile, from_s, sub_to).await {
+            Ok(both) => both,
+            Err(e) if e.is_link_failure() => return Err(e),
+            // The profile refused: the clock on its own, then the profile again as a step
+            // of its own (which records why it fails), as without lists.
+            Err(e) => {
+                tracing::debug!(meter = %self.job.meter, error = %e, "clock and profile together failed");
+                return Ok(false);
+            }
+        };
         self.answered = true;
         match meter_clock {
             // The meter reads its clock as the request arrives; the answer that follows
