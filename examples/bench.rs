@@ -22,6 +22,8 @@
 
 #[path = "bench/client_cpu.rs"]
 mod client_cpu;
+#[path = "bench/collect_fleet.rs"]
+mod collect_fleet;
 #[path = "bench/collection.rs"]
 mod collection;
 #[path = "bench/collection_client.rs"]

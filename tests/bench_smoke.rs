@@ -8,6 +8,9 @@
 mod common;
 
 #[allow(dead_code)]
+#[path = "../examples/bench/collect_fleet.rs"]
+mod collect_fleet;
+#[allow(dead_code)]
 #[path = "../examples/bench/collection.rs"]
 mod collection;
 #[allow(dead_code)]
