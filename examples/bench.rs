@@ -7,6 +7,10 @@
 //! cargo run --release --example bench -- payment-burst --meters 10000
 //! cargo run --release --example bench -- payment-burst --meters 10000 --broker mosquitto
 //! cargo run --release --example bench -- client-cpu     # the driver vs Gurux, per reconnect
+//! cargo run --release --example bench -- collection --meters 10000          # direct TCP
+//! cargo run --release --example bench -- collection --meters 100000 --concentrators 500
+//! cargo run --release --example bench -- collection --meters 1000 --concentrators 5 --rows 96
+//! cargo run --release --example bench -- serial-bus --meters 10 --baud 9600 --rows 96
 //! ```
 //!
 //! The daemon runs as a process of its own, so that its CPU time is read from
@@ -18,12 +22,20 @@
 
 #[path = "bench/client_cpu.rs"]
 mod client_cpu;
+#[path = "bench/collect_fleet.rs"]
+mod collect_fleet;
+#[path = "bench/collection.rs"]
+mod collection;
+#[path = "bench/collection_client.rs"]
+mod collection_client;
 #[path = "bench/payment.rs"]
 mod payment;
 #[path = "bench/report.rs"]
 mod report;
 #[path = "bench/rig.rs"]
 mod rig;
+#[path = "bench/serial_bus.rs"]
+mod serial_bus;
 
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -73,6 +85,33 @@ enum Scenario {
         #[arg(long)]
         dir: Option<PathBuf>,
     },
+    /// One interval-collection cycle over N meters (direct TCP, or behind concentrators):
+    /// wall time, daemon CPU per 1,000 reads, daemon memory per meter.
+    Collection {
+        #[command(flatten)]
+        c: CollectArgs,
+        /// DLMS meters behind this many HDLC gateways (default: the mixed fleet, direct TCP).
+        #[arg(long)]
+        concentrators: Option<usize>,
+        /// Wrapper meters per daemon link in the mixed fleet.
+        #[arg(long, default_value_t = 50)]
+        wrapper_group: usize,
+        /// Reads of a 96-row profile by the DLMS client alone, ours and Gurux's (0: skip).
+        #[arg(long, default_value_t = 200)]
+        client_reads: usize,
+    },
+    /// An emulated serial bus busy with collection: restore latency, and the cycle time
+    /// against the wire time of the bytes exchanged.
+    SerialBus {
+        #[command(flatten)]
+        c: CollectArgs,
+        /// The bus's baud rate.
+        #[arg(long, default_value_t = 9600)]
+        baud: u32,
+        /// Pause between a restore's final status and the next restore, ms.
+        #[arg(long, default_value_t = 1000)]
+        restore_gap_ms: u64,
+    },
     /// (internal) The daemon process of a run: `headend::daemon::run`, as `headend run`.
     #[command(hide = true)]
     Daemon {
@@ -118,12 +157,58 @@ struct RigArgs {
     setup_window: usize,
 }
 
+/// What the collection scenarios set up.
+#[derive(Args, Debug)]
+struct CollectArgs {
+    /// Simulated meters.
+    #[arg(long, default_value_t = 10_000)]
+    meters: usize,
+    /// Intervals per meter per cycle: 1 (the 15-minute cycle) or 96 (a day).
+    #[arg(long, default_value_t = 1)]
+    rows: u64,
+    /// `[collection] max_associations`.
+    #[arg(long, default_value_t = 64)]
+    max_associations: u64,
+    /// `[collection] rows_per_request`.
+    #[arg(long, default_value_t = 24)]
+    rows_per_request: u64,
+    /// HDLC parameters proposed on gateway links, e.g. "max_info = 512, window = 7".
+    #[arg(long)]
+    hdlc: Option<String>,
+    /// Where the configuration, state and the daemon's log go.
+    #[arg(long)]
+    dir: Option<PathBuf>,
+    /// Run this `headend` binary (`headend run`) as the daemon instead of this executable.
+    #[arg(long)]
+    daemon_exe: Option<PathBuf>,
+}
+
+impl CollectArgs {
+    fn setup(&self, fleet: collection::Fleet, tag: &str) -> anyhow::Result<collection::RigSetup> {
+        Ok(collection::RigSetup {
+            meters: self.meters,
+            fleet,
+            rows: self.rows,
+            max_associations: self.max_associations,
+            rows_per_request: self.rows_per_request,
+            hdlc: self.hdlc.clone(),
+            daemon: daemon_command(self.daemon_exe.as_ref())?,
+            dir: self.dir.clone().unwrap_or_else(|| std::env::temp_dir().join(format!("headend-bench-{tag}"))),
+            progress: true,
+        })
+    }
+}
+
+fn daemon_command(exe: Option<&PathBuf>) -> anyhow::Result<DaemonCommand> {
+    Ok(match exe {
+        Some(exe) => DaemonCommand { program: exe.clone(), args: vec!["run".into()] },
+        None => DaemonCommand { program: std::env::current_exe()?, args: vec!["daemon".into()] },
+    })
+}
+
 impl RigArgs {
     fn options(&self) -> anyhow::Result<RigOptions> {
-        let daemon = match &self.daemon_exe {
-            Some(exe) => DaemonCommand { program: exe.clone(), args: vec!["run".into()] },
-            None => DaemonCommand { program: std::env::current_exe()?, args: vec!["daemon".into()] },
-        };
+        let daemon = daemon_command(self.daemon_exe.as_ref())?;
         Ok(RigOptions {
             meters: self.meters,
             meters_per_link: self.meters_per_link,
@@ -139,6 +224,8 @@ impl RigArgs {
 }
 
 fn main() -> ExitCode {
+    // As `headend`'s main: one malloc arena, before any thread allocates.
+    headend::collect::limit_allocator_arenas();
     let cli = Cli::parse();
     tracing_subscriber::fmt()
         .with_env_filter(
@@ -170,6 +257,36 @@ fn main() -> ExitCode {
                 println!("  machine: {}", machine.line());
                 let json = serde_json::json!({"scenario": "client-cpu", "machine": machine, "rows": rows});
                 println!("{json}");
+                Ok(())
+            }
+            Scenario::Collection { c, concentrators, wrapper_group, client_reads } => {
+                let machine = report::Machine::read();
+                let fleet = match concentrators {
+                    Some(k) => collection::Fleet::Concentrators(k),
+                    None => collection::Fleet::Direct { wrapper_group },
+                };
+                let o = collection::CollectionOptions { setup: c.setup(fleet, "collection")?, client_reads };
+                let report = tokio::select! {
+                    r = collection::run(&o, machine) => r?,
+                    _ = interrupted() => anyhow::bail!("interrupted"),
+                };
+                print!("{}", report.table());
+                println!("{}", serde_json::to_string(&report)?);
+                Ok(())
+            }
+            Scenario::SerialBus { c, baud, restore_gap_ms } => {
+                let machine = report::Machine::read();
+                let o = serial_bus::BusOptions {
+                    setup: c.setup(collection::Fleet::Bus(baud), "serial-bus")?,
+                    baud,
+                    restore_gap: std::time::Duration::from_millis(restore_gap_ms),
+                };
+                let report = tokio::select! {
+                    r = serial_bus::run(&o, machine) => r?,
+                    _ = interrupted() => anyhow::bail!("interrupted"),
+                };
+                print!("{}", report.table());
+                println!("{}", serde_json::to_string(&report)?);
                 Ok(())
             }
             Scenario::PaymentBurst { rig, payments } => {

@@ -18,6 +18,9 @@ impl<T: AsyncRead + AsyncWrite + Send + Unpin> ByteIo for T {}
 /// The largest receive backlog a port keeps. A device that chatters without ever
 /// completing a frame cannot make the head-end hold more than this.
 const MAX_BACKLOG: usize = 64 * 1024;
+/// Room made in the receive buffer before each read: a window of seven 512-byte HDLC
+/// frames, or a whole profile answer over the wrapper, in one system call.
+const READ_CHUNK: usize = 8 * 1024;
 
 /// One open link.
 pub struct Port {
@@ -140,18 +143,17 @@ impl Port {
         self.closed
     }
 
-    /// Read at least one more byte into the receive buffer before `deadline`.
+    /// Read at least one more byte into the receive buffer before `deadline`: whatever
+    /// the stream has ready, up to [`READ_CHUNK`] at a time, straight into the buffer.
     pub async fn fill(&mut self, deadline: Instant) -> Result<(), MeterError> {
-        let mut chunk = [0u8; 2048];
-        match tokio::time::timeout_at(deadline, self.io.read(&mut chunk)).await {
+        self.rx.reserve(READ_CHUNK);
+        match tokio::time::timeout_at(deadline, self.io.read_buf(&mut self.rx)).await {
             Ok(Ok(0)) => {
                 self.closed = true;
                 Err(MeterError::LinkClosed(format!("{}: closed by the peer", self.label)))
             }
             Ok(Ok(n)) => {
-                let got = chunk.get(..n).unwrap_or(&[]);
                 self.bytes_in += n as u64;
-                self.rx.extend_from_slice(got);
                 if self.rx.len() > MAX_BACKLOG {
                     // Keep the newest bytes: a frame in progress is at the end.
                     let excess = self.rx.len() - MAX_BACKLOG;

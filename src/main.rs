@@ -44,6 +44,8 @@ enum Command {
 }
 
 fn main() -> ExitCode {
+    // Before any thread allocates: one malloc arena (docs/collection.md, Memory).
+    headend::collect::limit_allocator_arenas();
     let cli = Cli::parse();
     headend::observe::logs::init(cli.log_format);
     let runtime = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {

@@ -469,3 +469,40 @@ async fn a_meter_that_refuses_range_access_is_read_by_entry() {
     assert_eq!(times(&by_entry), times(&by_range));
     assert!(!by_entry.rows.is_empty());
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn clock_and_profile_in_one_get_with_list_and_separately_where_the_meter_has_no_lists() {
+    let s = setup().await;
+    let (mut d, mut link) = open(&s.site, "M-NONE").await;
+    let now = headend::time::Clock::now(&headend::time::SystemClock);
+    let (from, to) = (now - 6 * 3600, now);
+    // The profile's description is read first (as a job's first read of a meter does).
+    let alone = d.read_profile(&mut link, cosem::LOAD_PROFILE, from, to).await.expect("profile alone");
+    let (headend::driver::Driver::Dlms(m), Link::Dlms(port)) = (&mut d, &mut link) else { panic!("a DLMS meter") };
+    let (with_list, listed) = read_both(m, port, (from, to), now).await;
+    s.sim.set_faults("SIM0000000001", Faults { no_multiple_references: true, ..Faults::default() }).expect("fault");
+    // The simulator's conformance block is set per connection.
+    port.reopen().await.expect("reopened");
+    let (without, separate) = read_both(m, port, (from, to), now).await;
+    let times = |p: &headend::meter::LoadProfile| p.rows.iter().map(|r| r.unix_seconds).collect::<Vec<_>>();
+    assert!(!alone.rows.is_empty());
+    assert_eq!(times(&listed), times(&alone), "the same rows in one GET-with-list");
+    assert_eq!(times(&separate), times(&alone), "the same rows in two GETs");
+    // One request (one wrapper header, one GET header) instead of two.
+    assert!(with_list < without, "with a list {with_list} bytes sent, without {without}");
+}
+
+/// On a fresh association: the clock and the profile, and the bytes sent for them.
+async fn read_both(
+    m: &mut headend::dlms::DlmsMeter,
+    port: &mut headend::link::Port,
+    (from, to): (i64, i64),
+    now: i64,
+) -> (u64, headend::meter::LoadProfile) {
+    m.close(port).await;
+    let before = port.bytes_out;
+    let (clock, profile) = m.read_clock_and_profile(port, cosem::LOAD_PROFILE, from, to).await.expect("both");
+    let clock = clock.expect("the clock");
+    assert!(clock.unix_seconds.is_some_and(|t| (t - now).abs() < 60), "{clock:?}");
+    (port.bytes_out - before, profile)
+}

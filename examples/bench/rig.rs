@@ -598,7 +598,7 @@ async fn listen(url: &headend::mqtt::BrokerUrl, prefix: &str, client_id: &str) -
 /// Start `mosquitto` on a free loopback port with queues deep enough for a burst (the
 /// defaults, 1000 queued messages per client, would drop QoS 1 messages of a 10,000
 /// payment burst); returns once it says it is running.
-fn start_mosquitto(dir: &Path) -> anyhow::Result<(Child, u16, String)> {
+pub fn start_mosquitto(dir: &Path) -> anyhow::Result<(Child, u16, String)> {
     let port = std::net::TcpListener::bind("127.0.0.1:0")?.local_addr()?.port();
     let conf = dir.join("mosquitto.conf");
     std::fs::write(

@@ -155,6 +155,9 @@ impl JobRun {
         match step {
             Step::Clock => {
                 let before = clock.now_ms();
+                if self.clock_with_profile(d, link, before).await? {
+                    return Ok(());
+                }
                 match d.read_clock(link).await {
                     Ok(c) => {
                         self.answered = true;
@@ -204,20 +207,63 @@ impl JobRun {
                     self.next = None;
                     return Ok(());
                 };
-                let period = self.profile.as_ref().map_or(self.job.interval_s, |p| p.capture_period_s);
-                let span = i64::from(self.job.rows_per_request.max(1)) * i64::from(period.max(1));
-                let sub_to = to_s.min(from_s.saturating_add(span - 1));
+                let sub_to = self.sub_range(from_s, to_s);
                 let part = d.read_profile(link, self.job.profile, from_s, sub_to).await?;
                 self.answered = true;
-                match &mut self.profile {
-                    Some(p) => p.rows.extend(part.rows),
-                    None => self.profile = Some(part),
-                }
-                self.read_to_s = Some(sub_to);
-                self.next = (sub_to < to_s).then_some(Step::Profile { from_s: sub_to + 1 });
+                self.add_part(part, sub_to, to_s);
             }
         }
         Ok(())
+    }
+
+    /// The sub-range of a profile read that starts at `from_s`.
+    fn sub_range(&self, from_s: i64, to_s: i64) -> i64 {
+        let period = self.profile.as_ref().map_or(self.job.interval_s, |p| p.capture_period_s);
+        let span = i64::from(self.job.rows_per_request.max(1)) * i64::from(period.max(1));
+        to_s.min(from_s.saturating_add(span - 1))
+    }
+
+    fn add_part(&mut self, part: LoadProfile, sub_to: i64, to_s: i64) {
+        match &mut self.profile {
+            Some(p) => p.rows.extend(part.rows),
+            None => self.profile = Some(part),
+        }
+        self.read_to_s = Some(sub_to);
+        self.next = (sub_to < to_s).then_some(Step::Profile { from_s: sub_to + 1 });
+    }
+
+    /// A DLMS profile job whose clock is only checked, not set: the clock and the first
+    /// sub-range in one step (one GET-with-list where the meter agrees). True when done.
+    async fn clock_with_profile(
+        &mut self,
+        d: &mut Driver,
+        link: &mut Link,
+        before_ms: i64,
+    ) -> Result<bool, MeterError> {
+        let (JobWhat::Profile { from_s, to_s, .. }, None) = (self.job.what, self.job.set_clock_over_s) else {
+            return Ok(false);
+        };
+        let (Driver::Dlms(meter), Link::Dlms(port)) = (d, link) else { return Ok(false) };
+        let sub_to = self.sub_range(from_s, to_s);
+        let (meter_clock, part) = match meter.read_clock_and_profile(port, self.job.profile, from_s, sub_to).await {
+            Ok(both) => both,
+            Err(e) if e.is_link_failure() => return Err(e),
+            // The profile refused: the clock on its own, then the profile again as a step
+            // of its own (which records why it fails), as without lists.
+            Err(e) => {
+                tracing::debug!(meter = %self.job.meter, error = %e, "clock and profile together failed");
+                return Ok(false);
+            }
+        };
+        self.answered = true;
+        match meter_clock {
+            // The meter reads its clock as the request arrives; the answer that follows
+            // carries rows too, so its arrival says little about when.
+            Ok(c) => self.clock = Some(check_of(&c, before_ms)),
+            Err(e) => tracing::debug!(meter = %self.job.meter, error = %e, "clock not read"),
+        }
+        self.add_part(part, sub_to, to_s);
+        Ok(true)
     }
 
     /// The answer for the collector.

@@ -38,6 +38,20 @@ use job::JobDone;
 use metrics::Metrics;
 use schedule::SourceKind;
 
+/// One allocator arena per thread (glibc's default, up to 8 per core) keeps each thread's
+/// freed memory apart: buffers a channel actor freed on one worker thread are not reused
+/// by another, and a daemon for a large fleet ends up holding several times what it uses
+/// (0.7 KiB more per configured meter at 100,000 meters). Arenas made before the call stay,
+/// so `headend`'s `main` calls this before the runtime starts its threads.
+pub fn limit_allocator_arenas() {
+    #[cfg(all(target_os = "linux", target_env = "gnu"))]
+    // SAFETY: mallopt only changes the allocator's tuning; M_ARENA_MAX takes effect for
+    // arenas created from now on and is safe to call at any time from any thread.
+    unsafe {
+        libc::mallopt(libc::M_ARENA_MAX, 1);
+    }
+}
+
 /// The meters of a site as the collector sees them.
 pub fn plan(site: &SiteConfig) -> Vec<Planned> {
     let default_profile = parse_obis(&site.collection.profile).or_else(|| parse_obis(DEFAULT_PROFILE));

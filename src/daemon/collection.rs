@@ -44,18 +44,10 @@ impl Daemon {
     }
 }
 
-/// One allocator arena per thread (glibc's default, up to 8 per core) keeps each thread's
-/// freed memory apart: buffers a channel actor freed on one worker thread are not reused
-/// by another, and a daemon for a large fleet ends up holding several times what it uses.
-/// Arenas made before this call stay (set `MALLOC_ARENA_MAX=1` in the service's
-/// environment to cover them too).
+/// See [`crate::collect::limit_allocator_arenas`]; called again as the daemon starts, for
+/// embedders that did not call it first thing.
 pub(super) fn limit_allocator_arenas() {
-    #[cfg(all(target_os = "linux", target_env = "gnu"))]
-    // SAFETY: mallopt only changes the allocator's tuning; M_ARENA_MAX takes effect for
-    // arenas created from now on and is safe to call at any time from any thread.
-    unsafe {
-        libc::mallopt(libc::M_ARENA_MAX, 1);
-    }
+    crate::collect::limit_allocator_arenas();
 }
 
 /// Give memory freed since start-up back to the system. Parsing a large site file

@@ -148,36 +148,47 @@ impl HdlcLink {
         let window = self.conn.parameters().window_tx.clamp(1, 7) as usize;
         let mut segmenter = self.conn.segmenter(lsdu).map_err(proto("segmenting"))?;
         let mut frame_buf = vec![0u8; usize::from(self.conn.parameters().max_info_tx) + 32];
+        // A window's frames go out in one write (one system call, one TCP segment through
+        // a gateway), the bytes on the wire are the same.
+        let mut burst: Vec<u8> = Vec::new();
         loop {
-            let mut burst: Vec<Vec<u8>> = Vec::new();
-            while burst.len() < window {
+            burst.clear();
+            let mut frames = 0usize;
+            let mut last_at = 0usize;
+            while frames < window {
                 let Some(n) = self.conn.next_frame(&mut segmenter, &mut frame_buf).map_err(proto("framing"))? else {
                     break;
                 };
-                burst.push(frame_buf.get(..n).unwrap_or(&[]).to_vec());
+                last_at = burst.len();
+                burst.extend_from_slice(frame_buf.get(..n).unwrap_or(&[]));
+                frames += 1;
             }
             let done = segmenter.is_done();
             // The crate sets the poll bit only on an APDU's last segment; a meter with a
             // window of one must be polled on every frame, or it never answers.
-            if let Some(last) = burst.last_mut() {
-                *last = with_poll_bit(last).map_err(proto("framing"))?;
+            if frames > 0 {
+                let polled = with_poll_bit(burst.get(last_at..).unwrap_or(&[])).map_err(proto("framing"))?;
+                burst.truncate(last_at);
+                burst.extend_from_slice(&polled);
             }
+            let mut acked = false;
             for _attempt in 0..=self.options.retries {
-                for f in &burst {
-                    port.send(f, deadline_in(self.timeout_ms)).await?;
-                }
+                port.send(&burst, deadline_in(self.timeout_ms)).await?;
                 if done {
                     return Ok(());
                 }
                 // Mid-APDU: the meter acknowledges the window with RR before we go on.
                 match self.await_event(port, |f| matches!(f.control, Control::Rr { .. })).await {
-                    Ok(_) => break,
+                    Ok(_) => {
+                        acked = true;
+                        break;
+                    }
                     Err(MeterError::Timeout(_)) => continue,
                     Err(e) => return Err(e),
                 }
             }
-            if done {
-                return Ok(());
+            if !acked {
+                return Err(MeterError::Timeout(self.timeout_ms));
             }
         }
     }

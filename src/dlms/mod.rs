@@ -2,21 +2,23 @@
 //! (none, LLS, HLS-GMAC suite 0), GET with datablocks and selective access, ACTION on
 //! the disconnect control, over the wrapper or HDLC.
 
+mod associate;
 pub mod cosem;
 pub mod counter;
 pub mod hdlc;
+mod list;
 pub mod wrapper;
 
-use dlms_cosem_rs::acse::AuthMechanism;
 use dlms_cosem_rs::axdr::Data;
-use dlms_cosem_rs::client::{AssociationStep, ClientConfig, ClientSession, Response, SessionState};
+use dlms_cosem_rs::client::{ClientSession, Response, SessionState};
 use dlms_cosem_rs::codec::Encode;
 use dlms_cosem_rs::cosem::{EntryDescriptor, RangeDescriptor};
 use dlms_cosem_rs::obis::Obis;
-use dlms_cosem_rs::security::{
-    KeyRing, RandomSource, RustCryptoProvider, Secret, SecurityPolicy, SecuritySuite, SystemTitle,
+use dlms_cosem_rs::security::{RandomSource, RustCryptoProvider};
+use dlms_cosem_rs::xdlms::{
+    AttributeDescriptor, AttributeDescriptorWithSelection, DataAccessResult, MethodDescriptor, SelectiveAccess,
+    ServiceError,
 };
-use dlms_cosem_rs::xdlms::{AttributeDescriptor, DataAccessResult, MethodDescriptor, SelectiveAccess, ServiceError};
 
 use crate::config::{AuthKind, HdlcOptions};
 use crate::link::Port;
@@ -113,6 +115,8 @@ pub struct DlmsMeter {
     reservation: Reservation,
     scalers: Vec<(Obis, i8, String)>,
     profiles: Vec<(Obis, std::sync::Arc<ProfileMeta>)>,
+    /// The meter did not agree to, or refused, GET-with-list: separate GETs from now on.
+    list_refused: bool,
 }
 
 impl std::fmt::Debug for DlmsMeter {
@@ -157,6 +161,7 @@ impl DlmsMeter {
             reservation: Reservation::default(),
             scalers: Vec::new(),
             profiles: Vec::new(),
+            list_refused: false,
         }
     }
 
@@ -255,12 +260,7 @@ impl DlmsMeter {
         to: i64,
     ) -> Result<LoadProfile, MeterError> {
         let meta = self.profile_meta(port, obis).await?;
-        let offset = self.settings.utc_offset_minutes.unwrap_or(0);
-        let mut params = [0u8; 128];
-        let range = RangeDescriptor::by_clock(cosem::datetime_at(from, offset), cosem::datetime_at(to, offset))
-            .to_selective_access(&mut params)
-            .map_err(|e| MeterError::Protocol(format!("range descriptor: {e}")))?;
-        let encoded = encode_access(&range)?;
+        let encoded = self.range_access(from, to)?;
         let rows = match self.get(port, 7, obis, 2, Some(encoded)).await {
             Ok(bytes) => cosem::profile_rows(&cosem::decode(&bytes)?, &meta.kinds, self.settings.utc_offset_minutes)?,
             Err(MeterError::Refused(why)) => {
@@ -269,13 +269,17 @@ impl DlmsMeter {
             }
             Err(e) => return Err(e),
         };
-        let rows = rows.into_iter().filter(|r| r.unix_seconds.is_none_or(|t| t >= from && t <= to)).collect();
-        Ok(LoadProfile {
-            obis: cosem::obis_text(obis),
-            capture_period_s: meta.capture_period_s,
-            columns: meta.columns(),
-            rows,
-        })
+        Ok(profile_of(obis, &meta, rows, from, to))
+    }
+
+    /// Selective access by range on the clock column, `[from, to]`, encoded.
+    fn range_access(&self, from: i64, to: i64) -> Result<(u8, Vec<u8>), MeterError> {
+        let offset = self.settings.utc_offset_minutes.unwrap_or(0);
+        let mut params = [0u8; 128];
+        let range = RangeDescriptor::by_clock(cosem::datetime_at(from, offset), cosem::datetime_at(to, offset))
+            .to_selective_access(&mut params)
+            .map_err(|e| MeterError::Protocol(format!("range descriptor: {e}")))?;
+        encode_access(&range)
     }
 
     async fn profile_by_entry(
@@ -354,10 +358,15 @@ impl DlmsMeter {
         Ok((scaler, unit))
     }
 
-    /// Release the association and close the link (RLRQ, then DISC on HDLC).
+    /// Release the association and close the link: RLRQ over the wrapper, DISC on HDLC.
     pub async fn close(&mut self, port: &mut Port) {
+        // Releasing the HDLC connection releases the association it carries (IEC
+        // 62056-5-3: an AA ends with its supporting layer), so on HDLC the DISC alone does
+        // it: one exchange fewer per collection job. Over the wrapper the TCP connection
+        // stays up for the other logical devices behind it: RLRQ.
+        let on_hdlc = matches!(&self.transport, Transport::Hdlc(h) if h.is_connected());
         if let Some(mut session) = self.session.take() {
-            if session.state() == SessionState::Associated {
+            if !on_hdlc && session.state() == SessionState::Associated {
                 let mut req = vec![0u8; 256];
                 if let Ok(n) = session.release_request(&mut req) {
                     let _ = self.exchange(port, req.get(..n).unwrap_or(&[])).await;
@@ -437,6 +446,24 @@ impl DlmsMeter {
                     };
                     session.get_request(AttributeDescriptor::new(*class, *obis, *attr), sa, &mut req)
                 }
+                Call::GetList { items } => {
+                    let mut list = Vec::with_capacity(items.len());
+                    for (class, obis, attr, access) in items {
+                        let access = match access {
+                            Some((selector, params)) => Some(SelectiveAccess {
+                                selector: *selector,
+                                parameters: Data::from_bytes_in(params)
+                                    .map_err(|e| MeterError::Protocol(format!("selector: {e}")))?,
+                            }),
+                            None => None,
+                        };
+                        list.push(AttributeDescriptorWithSelection {
+                            descriptor: AttributeDescriptor::new(*class, *obis, *attr),
+                            access,
+                        });
+                    }
+                    session.get_request_with_list(&list, &mut req)
+                }
                 Call::Set { class, obis, attr, value } => session.set_request(
                     AttributeDescriptor::new(*class, *obis, *attr),
                     None,
@@ -466,8 +493,14 @@ impl DlmsMeter {
             })?;
             match response {
                 Response::Data(value) => {
-                    let mut out = Vec::new();
+                    let mut out = Vec::with_capacity(answer.len());
                     value.encode(&mut out).map_err(|e| MeterError::Protocol(format!("{what}: {e}")))?;
+                    return Ok(Answer::Value(out));
+                }
+                // Encoded as a datablock transfer of the same answer would carry it.
+                Response::DataList(list) => {
+                    let mut out = Vec::with_capacity(answer.len());
+                    list.encode(&mut out).map_err(|e| MeterError::Protocol(format!("{what}: {e}")))?;
                     return Ok(Answer::Value(out));
                 }
                 // "Try again later" is not a refusal: retried like a timeout.
@@ -539,136 +572,14 @@ impl DlmsMeter {
         }
         result
     }
-
-    fn new_session(&mut self) -> Result<Session, MeterError> {
-        let s = &self.settings;
-        let keys = s.keys.clone().unwrap_or_default();
-        let mut config = ClientConfig { client_sap: s.client_sap, max_pdu_size: s.max_pdu_size, ..Default::default() };
-        let mut ring = KeyRing::default();
-        match s.auth {
-            AuthKind::None => {}
-            AuthKind::Lls => {
-                let pw = keys
-                    .password
-                    .as_deref()
-                    .ok_or_else(|| MeterError::Storage("LLS needs a password in the key file".into()))?;
-                config.mechanism = AuthMechanism::Low;
-                config.password =
-                    Some(Secret::new(pw).map_err(|_| MeterError::Storage("LLS password longer than 64 bytes".into()))?);
-            }
-            AuthKind::HlsGmac => {
-                let (Some(guek), Some(gak), Some(title)) = (keys.guek, keys.gak, keys.client_system_title) else {
-                    return Err(MeterError::Storage(
-                        "HLS-GMAC needs guek, gak and client_system_title in the key file".into(),
-                    ));
-                };
-                config.mechanism = AuthMechanism::HighGmac;
-                config.system_title = Some(SystemTitle::new(title));
-                config.security = SecurityPolicy::authenticated_encrypted(SecuritySuite::Suite0);
-                ring = KeyRing::new(guek, gak);
-                if self.counter_lock.is_none() {
-                    self.counter_lock = Some(self.counters.lock(&s.meter)?);
-                }
-                let start = self.counters.load(&s.meter)?;
-                config.invocation_counter = start;
-                self.reservation = Reservation { reserved: start };
-            }
-        }
-        Ok(ClientSession::new(config, RustCryptoProvider::with_rng(ring, OsRandom)))
-    }
-
-    /// Open an association (and the HDLC link under it when needed). On an
-    /// invocation-counter error, resynchronise from the meter's counter object and try once more.
-    async fn associate(&mut self, port: &mut Port) -> Result<(), MeterError> {
-        match self.associate_once(port).await {
-            Err(AssociateError::CounterStale) if self.settings.auth == AuthKind::HlsGmac => {
-                let expected = Box::pin(self.read_counter_publicly(port)).await?;
-                let current = self.counters.load(&self.settings.meter)?;
-                // Only ever forward: backwards would reuse nonces under the same key. Meters
-                // differ in whether the object holds the last value received or the next
-                // one expected; resuming after `expected` is right for both (at worst one
-                // value is skipped).
-                let resume = current.max(expected);
-                self.counters.reserve(&self.settings.meter, resume)?;
-                tracing::warn!(meter = %self.settings.meter, "invocation counter resynchronised from the meter");
-                self.associate_once(port).await.map_err(AssociateError::into_meter_error)
-            }
-            other => other.map_err(AssociateError::into_meter_error),
-        }
-    }
-
-    async fn associate_once(&mut self, port: &mut Port) -> Result<(), AssociateError> {
-        self.session = None;
-        let mut session = self.new_session()?;
-        let mut req = vec![0u8; 1024];
-        if self.settings.auth == AuthKind::HlsGmac {
-            self.reservation.ensure(&self.counters, &self.settings.meter, session.invocation_counter(), 3)?;
-        }
-        let n = session.associate_request(&mut req).map_err(|e| MeterError::Protocol(format!("AARQ: {e}")))?;
-        let answer = self.exchange(port, req.get(..n).unwrap_or(&[])).await?;
-        let step = session.handle_associate_response(&answer).map_err(|e| {
-            MeterError::AssociationRefused(format!("AARE not accepted ({e}): wrong keys, or not a DLMS answer"))
-        })?;
-        match step {
-            AssociationStep::Established => {}
-            AssociationStep::HlsReplyRequired => {
-                let n =
-                    session.hls_reply_request(&mut req).map_err(|e| MeterError::Protocol(format!("HLS reply: {e}")))?;
-                let answer = self.exchange(port, req.get(..n).unwrap_or(&[])).await?;
-                match session.handle_hls_reply_response(&answer) {
-                    Ok(AssociationStep::Established) => {}
-                    Ok(other) => {
-                        return Err(
-                            MeterError::AssociationRefused(format!("HLS authentication failed: {other:?}")).into()
-                        )
-                    }
-                    Err(e) => {
-                        return Err(MeterError::AssociationRefused(format!(
-                            "HLS authentication failed ({e}): the meter does not hold our keys, or we do not hold its"
-                        ))
-                        .into())
-                    }
-                }
-            }
-            AssociationStep::Rejected { result, diagnostic } => {
-                return Err(MeterError::AssociationRefused(format!("{result:?}, {diagnostic:?}")).into())
-            }
-            AssociationStep::Exception(e) if e.service_error == ServiceError::InvocationCounterError => {
-                return Err(AssociateError::CounterStale)
-            }
-            AssociationStep::Exception(e) => {
-                return Err(MeterError::AssociationRefused(format!(
-                    "exception {:?}/{:?}",
-                    e.state_error, e.service_error
-                ))
-                .into())
-            }
-        }
-        self.session = Some(Box::new(session));
-        self.session_port = Some(port.id());
-        Ok(())
-    }
-
-    /// Read the invocation counter object over the public client.
-    async fn read_counter_publicly(&mut self, port: &mut Port) -> Result<u32, MeterError> {
-        let mut settings = self.settings.clone();
-        settings.client_sap = PUBLIC_CLIENT;
-        settings.auth = AuthKind::None;
-        settings.keys = None;
-        // A meter holds one HDLC connection: leave ours before the public client opens its own.
-        self.close(port).await;
-        let mut public = DlmsMeter::new(settings, self.counters.clone());
-        let result = public.get(port, 1, cosem::INVOCATION_COUNTER, 2, None).await;
-        public.close(port).await;
-        let value = cosem::decode(&result?)?
-            .as_u64()
-            .ok_or_else(|| MeterError::Protocol("invocation counter object is not a number".into()))?;
-        u32::try_from(value).map_err(|_| MeterError::Protocol("invocation counter out of range".into()))
-    }
 }
+
+/// An attribute and its selective access (selector, encoded parameters).
+type Wanted = (u16, Obis, i8, Option<(u8, Vec<u8>)>);
 
 enum Call {
     Get { class: u16, obis: Obis, attr: i8, access: Option<(u8, Vec<u8>)> },
+    GetList { items: Vec<Wanted> },
     Set { class: u16, obis: Obis, attr: i8, value: Vec<u8> },
     Action { class: u16, obis: Obis, method: i8 },
 }
@@ -686,30 +597,22 @@ impl Call {
     fn describe(&self) -> String {
         match self {
             Call::Get { class, obis, attr, .. } => format!("GET {class}/{}/{attr}", cosem::obis_text(*obis)),
+            Call::GetList { items } => {
+                let names: Vec<String> =
+                    items.iter().map(|(c, o, a, _)| format!("{c}/{}/{a}", cosem::obis_text(*o))).collect();
+                format!("GET-WITH-LIST {}", names.join(", "))
+            }
             Call::Set { class, obis, attr, .. } => format!("SET {class}/{}/{attr}", cosem::obis_text(*obis)),
             Call::Action { class, obis, method } => format!("ACTION {class}/{}/{method}", cosem::obis_text(*obis)),
         }
     }
 }
 
-enum AssociateError {
-    CounterStale,
-    Meter(MeterError),
-}
-
-impl From<MeterError> for AssociateError {
-    fn from(e: MeterError) -> Self {
-        Self::Meter(e)
-    }
-}
-
-impl AssociateError {
-    fn into_meter_error(self) -> MeterError {
-        match self {
-            Self::CounterStale => MeterError::AssociationRefused("invocation counter rejected by the meter".into()),
-            Self::Meter(e) => e,
-        }
-    }
+/// The rows in `[from, to]` as a [`LoadProfile`] (a meter may answer a range with a row
+/// on each side of it).
+fn profile_of(obis: Obis, meta: &ProfileMeta, rows: Vec<crate::meter::ProfileRow>, from: i64, to: i64) -> LoadProfile {
+    let rows = rows.into_iter().filter(|r| r.unix_seconds.is_none_or(|t| t >= from && t <= to)).collect();
+    LoadProfile { obis: cosem::obis_text(obis), capture_period_s: meta.capture_period_s, columns: meta.columns(), rows }
 }
 
 fn encode_access(sa: &SelectiveAccess<'_>) -> Result<(u8, Vec<u8>), MeterError> {

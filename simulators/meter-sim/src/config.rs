@@ -242,6 +242,9 @@ pub struct Faults {
     /// The load profile refuses selective access by range (selector 1), as some meters
     /// do; by entry (selector 2) still works.
     pub refuse_range_access: bool,
+    /// The meter's conformance block leaves out multiple-references, as many meters' do:
+    /// a GET-with-list is refused; single GETs work.
+    pub no_multiple_references: bool,
     /// Some load-profile rows are bad, by interval number n (capture time / period):
     /// n % 11 == 3 has an unspecified clock, n % 11 == 7 the status bit "clock invalid"
     /// (0x02), n % 11 == 9 the clock of the row before (a duplicate time).

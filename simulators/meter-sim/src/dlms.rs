@@ -14,6 +14,7 @@ use dlms_cosem_rs::security::{
     KeyRing, RandomSource, RustCryptoProvider, Secret, SecurityPolicy, SecuritySuite, SystemTitle,
 };
 use dlms_cosem_rs::server::{Server, ServerConfig, ServerState};
+use dlms_cosem_rs::xdlms::Conformance;
 use rand::RngCore;
 
 use crate::config::SimAuth;
@@ -66,6 +67,9 @@ impl Association {
             max_pdu_size: MAX_PDU,
             ..ServerConfig::default()
         };
+        if m.faults().no_multiple_references {
+            config.conformance = config.conformance.difference(Conformance::MULTIPLE_REFERENCES);
+        }
         let mut keys = KeyRing::default();
         let (server_ic, peer) = {
             let st = m.lock();
