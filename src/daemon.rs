@@ -36,7 +36,7 @@ mod collection;
 mod publish;
 mod turn;
 
-use turn::{Turn, MAX_TURN};
+use turn::{spawn_committer, Committing, Turn, MAX_TURN};
 
 use collection::limit_allocator_arenas;
 pub(crate) use collection::release_freed_memory;
@@ -84,6 +84,8 @@ struct Daemon {
     health: Arc<HealthCounts>,
     /// To the publisher task.
     outbox: mpsc::UnboundedSender<publish::Message>,
+    /// Turns whose commit is on its way, to the committer task (see `turn`).
+    committer: mpsc::UnboundedSender<Committing>,
     meter_link: HashMap<MeterId, String>,
     answers: mpsc::UnboundedSender<Input>,
     /// What the state message says of each meter besides its relay: last contact, newest
@@ -229,6 +231,7 @@ pub async fn run(site: SiteConfig, opts: DaemonOptions, shutdown: CancellationTo
 
     // The drivers, the collector and `meter_link` hold what is needed of each meter; a
     // second copy of the meter list would cost as much again for a large fleet.
+    let (committer, mut committed) = spawn_committer();
     let mut site = site;
     site.meters = Vec::new();
     let _ = release_freed_memory();
@@ -242,6 +245,7 @@ pub async fn run(site: SiteConfig, opts: DaemonOptions, shutdown: CancellationTo
         channels,
         health,
         outbox,
+        committer,
         meter_link,
         answers,
         seen: HashMap::new(),
@@ -255,7 +259,7 @@ pub async fn run(site: SiteConfig, opts: DaemonOptions, shutdown: CancellationTo
     let result = async {
         let mut t = Turn::default();
         d.take(restored, &mut t);
-        d.finish_turn(t).await?;
+        d.finish_turn(t);
         loop {
             let next_config = async {
                 match reload.as_mut() {
@@ -282,6 +286,10 @@ pub async fn run(site: SiteConfig, opts: DaemonOptions, shutdown: CancellationTo
                 _ = shutdown.cancelled() => break,
                 Some(msg) = from_broker.recv() => inbound.push(msg),
                 Some(input) = answers_rx.recv() => answers.push(input),
+                Some(done) = committed.recv() => {
+                    d.after_commit(done)?;
+                    continue;
+                }
                 _ = timer => {}
                 Some(new) = next_config => {
                     d.reload(new);
@@ -310,6 +318,15 @@ pub async fn run(site: SiteConfig, opts: DaemonOptions, shutdown: CancellationTo
         Ok::<(), DaemonError>(())
     }
     .await;
+    // Turns committed or committing are carried out (their results published) before
+    // the publisher stops.
+    d.committer = mpsc::unbounded_channel().0;
+    let drain = async {
+        while let Some(done) = committed.recv().await {
+            let _ = d.after_commit(done);
+        }
+    };
+    let _ = tokio::time::timeout(Duration::from_secs(5), drain).await;
 
     // Drain: no new work; exchanges in progress finish within their timeouts and their
     // commands stay resumable in the journal. Readings and results not yet acknowledged
