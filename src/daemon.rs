@@ -37,7 +37,7 @@ mod lifecycle;
 mod publish;
 mod turn;
 
-use turn::{Turn, MAX_TURN};
+use turn::{spawn_committer, Committing, Turn, MAX_TURN};
 
 use collection::limit_allocator_arenas;
 pub(crate) use collection::release_freed_memory;
@@ -85,6 +85,8 @@ struct Daemon {
     health: Arc<HealthCounts>,
     /// To the publisher task.
     outbox: mpsc::UnboundedSender<publish::Message>,
+    /// Turns whose commit is on its way, to the committer task (see `turn`).
+    committer: mpsc::UnboundedSender<Committing>,
     meter_link: HashMap<MeterId, String>,
     answers: mpsc::UnboundedSender<Input>,
     /// What the state message says of each meter besides its relay: last contact, newest
@@ -251,6 +253,7 @@ pub async fn run(site: SiteConfig, opts: DaemonOptions, shutdown: CancellationTo
 
     // The drivers, the collector and `meter_link` hold what is needed of each meter; a
     // second copy of the meter list would cost as much again for a large fleet.
+    let (committer, mut committed) = spawn_committer();
     let mut site = site;
     site.meters = Vec::new();
     let _ = release_freed_memory();
@@ -264,6 +267,7 @@ pub async fn run(site: SiteConfig, opts: DaemonOptions, shutdown: CancellationTo
         channels,
         health,
         outbox,
+        committer,
         meter_link,
         answers,
         seen: HashMap::new(),
@@ -278,7 +282,7 @@ pub async fn run(site: SiteConfig, opts: DaemonOptions, shutdown: CancellationTo
     let result = async {
         let mut t = Turn::default();
         d.take(restored, &mut t);
-        d.finish_turn(t).await?;
+        d.finish_turn(t);
         loop {
             let next_config = async {
                 match reload.as_mut() {
@@ -305,6 +309,10 @@ pub async fn run(site: SiteConfig, opts: DaemonOptions, shutdown: CancellationTo
                 _ = shutdown.cancelled() => break,
                 Some(msg) = from_broker.recv() => inbound.push(msg),
                 Some(input) = answers_rx.recv() => answers.push(input),
+                Some(done) = committed.recv() => {
+                    d.after_commit(done)?;
+                    continue;
+                }
                 _ = timer => {}
                 Some(new) = next_config => {
                     d.reload(new);
@@ -333,11 +341,11 @@ pub async fn run(site: SiteConfig, opts: DaemonOptions, shutdown: CancellationTo
         Ok::<(), DaemonError>(())
     }
     .await;
-
     // Drain (see `lifecycle`): no new work; exchanges in progress finish within the bound
     // and their commands stay resumable in the journal. Readings and results not yet
     // acknowledged stay in their outboxes and are published after the restart.
     observe::draining();
+    d.draining = true;
     let deadline = tokio::time::Instant::now() + Duration::from_secs(d.site.drain_timeout_s.min(3600));
     collect_stop.cancel();
     if let Some(c) = collection {
@@ -345,7 +353,16 @@ pub async fn run(site: SiteConfig, opts: DaemonOptions, shutdown: CancellationTo
             tokio::time::timeout_at(deadline.min(tokio::time::Instant::now() + Duration::from_secs(5)), c.join()).await;
     }
     channel_stop.cancel();
-    let drained = d.drain_channels(&mut answers_rx, channel_tasks, deadline, result.is_ok()).await;
+    let drained = d.drain_channels(&mut answers_rx, &mut committed, channel_tasks, deadline, result.is_ok()).await;
+    // Turns committed or committing are carried out (their results published) before
+    // the publisher stops.
+    d.committer = mpsc::unbounded_channel().0;
+    let carry_out = async {
+        while let Some(done) = committed.recv().await {
+            let _ = d.after_commit(done);
+        }
+    };
+    let _ = tokio::time::timeout(Duration::from_secs(5), carry_out).await;
     publish_stop.cancel();
     let _ =
         tokio::time::timeout_at(deadline.max(tokio::time::Instant::now() + Duration::from_secs(2)), publisher).await;

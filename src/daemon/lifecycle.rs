@@ -18,6 +18,7 @@ use tokio::task::JoinHandle;
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
+use super::turn::Committed;
 use super::{json, Daemon, DaemonError};
 use crate::command::Input;
 use crate::contract::StatusMessage;
@@ -33,6 +34,7 @@ impl Daemon {
     pub(super) async fn drain_channels(
         &mut self,
         answers: &mut mpsc::UnboundedReceiver<Input>,
+        committed: &mut mpsc::UnboundedReceiver<Committed>,
         channel_tasks: Vec<JoinHandle<()>>,
         deadline: Instant,
         journal_ok: bool,
@@ -51,6 +53,8 @@ impl Daemon {
                 }
                 _ = &mut all_stopped => break,
                 Some(input) = answers.recv(), if journal_ok => self.take_answer(input).await?,
+                // Turns committing when the loop stopped, and the drain's own.
+                Some(done) = committed.recv() => self.after_commit(done)?,
             }
         }
         // The channels are gone: take what they answered last.
@@ -61,7 +65,6 @@ impl Daemon {
     }
 
     async fn take_answer(&mut self, input: Input) -> Result<(), DaemonError> {
-        self.draining = true;
         self.turn(Vec::new(), vec![input]).await
     }
 

@@ -17,13 +17,15 @@
 
 use std::collections::{HashMap, HashSet};
 
+use tokio::sync::mpsc;
+
 use super::{json, publish, Daemon, DaemonError, FromBroker};
 use crate::command::{answer_repeat, Command, Execution, Input, Output, Record};
 use crate::contract::{
     format_at, CommandRequest, ErrorBody, ErrorCode, Inbound, Payment, PaymentId, PaymentOutcome, PaymentReconnect,
     Rejection, ResultMessage, MAX_PAYLOAD,
 };
-use crate::journal::{Accepted, Arrival, OutMessage, PaymentAccepted, Taken};
+use crate::journal::{Accepted, Arrival, JournalError, OutMessage, PaymentAccepted, Pending, Taken};
 use crate::meter::MeterId;
 use crate::mqtt::Message;
 use crate::observe;
@@ -68,6 +70,43 @@ enum Kind {
     Payment(Payment),
     /// Everything else, handled without a prior journal job.
     Other,
+}
+
+/// A turn whose commit is on its way.
+pub(super) struct Committing {
+    pending: Option<Pending<Vec<i64>>>,
+    messages: Vec<OutMessage>,
+    executes: Vec<Execution>,
+    acks: Vec<Message>,
+}
+
+/// A turn whose commit resolved, to carry out.
+pub(super) struct Committed {
+    result: Result<Vec<i64>, JournalError>,
+    messages: Vec<OutMessage>,
+    executes: Vec<Execution>,
+    acks: Vec<Message>,
+}
+
+/// A task that awaits each turn's commit in turn order and hands the turn back to the
+/// loop, so that nothing of a turn is published, run or acknowledged before its commit,
+/// and turns are carried out in order.
+pub(super) fn spawn_committer() -> (mpsc::UnboundedSender<Committing>, mpsc::UnboundedReceiver<Committed>) {
+    let (tx, mut rx) = mpsc::unbounded_channel::<Committing>();
+    let (done_tx, done_rx) = mpsc::unbounded_channel();
+    tokio::spawn(async move {
+        while let Some(c) = rx.recv().await {
+            let result = match c.pending {
+                Some(p) => p.await,
+                None => Ok(Vec::new()),
+            };
+            let done = Committed { result, messages: c.messages, executes: c.executes, acks: c.acks };
+            if done_tx.send(done).is_err() {
+                break;
+            }
+        }
+    });
+    (tx, done_rx)
 }
 
 /// Most inputs in one turn: bounds the latency of its first input.
@@ -150,31 +189,39 @@ impl Daemon {
             let out = self.engine.handle(Input::Tick, now);
             self.take(out, &mut t);
         }
-        self.finish_turn(t).await
+        self.finish_turn(t);
+        Ok(())
     }
 
-    /// Commit the turn, then publish, execute and acknowledge.
-    pub(super) async fn finish_turn(&mut self, mut t: Turn) -> Result<(), DaemonError> {
+    /// Commit the turn; it is carried out ([`Daemon::after_commit`]) once the commit
+    /// resolved. The loop takes the next turn meanwhile, whose arrivals then join the
+    /// same journal transaction.
+    pub(super) fn finish_turn(&mut self, mut t: Turn) {
         for m in std::mem::take(&mut t.states) {
             if let Some(msg) = self.state_message(&m) {
                 t.messages.push(msg);
             }
         }
         let Turn { records, messages, executes, acks, .. } = t;
-        if !records.is_empty() || !messages.is_empty() {
-            let seqs = self.journal.commit(records, messages.clone()).await.map_err(journal_err)?;
-            for (message, seq) in messages.into_iter().zip(seqs) {
-                let _ = self.outbox.send(publish::Message { seq: Some(seq), message });
-            }
+        let pending =
+            (!records.is_empty() || !messages.is_empty()).then(|| self.journal.commit(records, messages.clone()));
+        let _ = self.committer.send(Committing { pending, messages, executes, acks });
+    }
+
+    /// A turn's commit resolved: publish, execute and acknowledge.
+    pub(super) fn after_commit(&mut self, c: Committed) -> Result<(), DaemonError> {
+        let seqs = c.result.map_err(journal_err)?;
+        for (message, seq) in c.messages.into_iter().zip(seqs) {
+            let _ = self.outbox.send(publish::Message { seq: Some(seq), message });
         }
-        for w in executes {
+        for w in c.executes {
             // Draining: nothing new starts; the journal keeps it for the restart.
             if !self.draining {
                 self.execute(w);
             }
         }
         observe::quarantine(self.engine.policy().quarantine().is_some());
-        for p in &acks {
+        for p in &c.acks {
             self.ack(p);
         }
         self.publish_status();
