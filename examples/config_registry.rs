@@ -41,6 +41,18 @@ fn main() -> anyhow::Result<()> {
         println!("run {run}: loaded and checked {} meters, {} links in {took:.3?}", cfg.meters.len(), cfg.links.len());
         times.push(took);
     }
+    // Where the time goes, once: parsing (TOML and serde) and the checks (key files).
+    let t = Instant::now();
+    let text = std::fs::read_to_string(&site)?;
+    let read = t.elapsed();
+    let t = Instant::now();
+    let mut cfg = SiteConfig::parse(&text).map_err(|e| anyhow::anyhow!("{e}"))?;
+    let parse = t.elapsed();
+    cfg.base_dir = dir.clone();
+    let t = Instant::now();
+    let problems = cfg.problems();
+    let checks = t.elapsed();
+    println!("breakdown: read {read:.3?}, parse {parse:.3?}, checks {checks:.3?} ({} problems)", problems.len());
     times.sort();
     if let Some(median) = times.get(times.len() / 2) {
         println!("median of {runs}: {median:.3?}");

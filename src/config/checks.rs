@@ -9,6 +9,32 @@ use super::{AuthKind, LinkProtocol, SiteConfig};
 use crate::contract::AccountId;
 use crate::secrets::{KeyFileError, MeterKeys};
 
+/// Key files already read, by resolved path: the loader reads them on another thread
+/// while the main one parses (a 100,000-meter site has tens of thousands).
+pub(super) type KeyFiles = HashMap<PathBuf, Result<MeterKeys, String>>;
+
+thread_local! {
+    static PRELOADED: std::cell::RefCell<KeyFiles> = std::cell::RefCell::new(HashMap::new());
+}
+
+/// Run `f` (the checks) with these key files already read.
+pub(super) fn with_preloaded<R>(keys: KeyFiles, f: impl FnOnce() -> R) -> R {
+    PRELOADED.with(|p| *p.borrow_mut() = keys);
+    let r = f();
+    PRELOADED.with(|p| p.borrow_mut().clear());
+    r
+}
+
+/// Read and check one key file; the error says what to do.
+pub(super) fn load_key_file(path: &std::path::Path) -> Result<MeterKeys, String> {
+    MeterKeys::load(path).map_err(|e| match e {
+        KeyFileError::Read { .. } => {
+            format!("{e}: write the key file there (see config/keys/README.md) or fix `keys`")
+        }
+        _ => e.to_string(),
+    })
+}
+
 /// Serial line rates the head-end accepts.
 pub const BAUD_RATES: [u32; 10] = [300, 600, 1200, 2400, 4800, 9600, 19200, 38400, 57600, 115200];
 
@@ -117,7 +143,7 @@ pub(super) fn registry(cfg: &SiteConfig, out: &mut Problems) {
     let mut ids: HashMap<&str, usize> = HashMap::with_capacity(cfg.meters.len());
     // (link index, address) -> first meter there.
     let mut addresses: HashMap<(usize, u32), usize> = HashMap::with_capacity(cfg.meters.len());
-    let mut key_files: HashMap<PathBuf, Result<MeterKeys, String>> = HashMap::new();
+    let mut key_files: KeyFiles = PRELOADED.with(|p| std::mem::take(&mut *p.borrow_mut()));
     for (i, m) in cfg.meters.iter().enumerate() {
         let at = || KeyPath::element("meter", i);
         let id = m.id.as_str();
@@ -138,14 +164,7 @@ pub(super) fn registry(cfg: &SiteConfig, out: &mut Problems) {
         }
         if let Some(keys) = &m.keys {
             let path = cfg.resolve(keys);
-            let loaded = key_files.entry(path.clone()).or_insert_with(|| {
-                MeterKeys::load(&path).map_err(|e| match e {
-                    KeyFileError::Read { .. } => {
-                        format!("{e}: write the key file there (see config/keys/README.md) or fix `keys`")
-                    }
-                    _ => e.to_string(),
-                })
-            });
+            let loaded = key_files.entry(path.clone()).or_insert_with(|| load_key_file(&path));
             match loaded {
                 Err(e) => out.at(at().key("keys"), format!("meter {id:?}: {e}")),
                 Ok(k) => {
