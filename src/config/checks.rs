@@ -141,8 +141,6 @@ pub(super) fn registry(cfg: &SiteConfig, out: &mut Problems) {
     }
 
     let mut ids: HashMap<&str, usize> = HashMap::with_capacity(cfg.meters.len());
-    // (link index, address) -> first meter there.
-    let mut addresses: HashMap<(usize, u32), usize> = HashMap::with_capacity(cfg.meters.len());
     let mut key_files: KeyFiles = PRELOADED.with(|p| std::mem::take(&mut *p.borrow_mut()));
     for (i, m) in cfg.meters.iter().enumerate() {
         let at = || KeyPath::element("meter", i);
@@ -203,23 +201,6 @@ pub(super) fn registry(cfg: &SiteConfig, out: &mut Problems) {
             continue;
         };
         let link = &cfg.links[li];
-        // Two registry entries for one device on a link: a meter is switched under the
-        // other's name.
-        let mut claim = |address: u32, key: &'static str, what: String| match addresses.get(&(li, address)) {
-            Some(&first) => Some(Problem::duplicate(
-                at().key(key),
-                KeyPath::element("meter", first).key(key),
-                format!(
-                    "meter {id:?}: {what} on link {:?} is already used by meter {:?}",
-                    link.name,
-                    cfg.meters[first].id.as_str()
-                ),
-            )),
-            None => {
-                addresses.insert((li, address), i);
-                None
-            }
-        };
         match link.protocol {
             LinkProtocol::DlmsWrapper | LinkProtocol::DlmsHdlc => {
                 if m.auth != AuthKind::None && m.keys.is_none() {
@@ -238,13 +219,7 @@ pub(super) fn registry(cfg: &SiteConfig, out: &mut Problems) {
                         format!("meter {id:?}: {key} is for Modbus links, and link {:?} is DLMS: remove it", link.name),
                     );
                 }
-                if link.protocol == LinkProtocol::DlmsWrapper {
-                    out.extend(claim(
-                        u32::from(m.logical_device),
-                        "logical_device",
-                        format!("logical_device {}", m.logical_device),
-                    ));
-                } else {
+                if link.protocol == LinkProtocol::DlmsHdlc {
                     match m.physical_address {
                         None => out.at(
                             at(),
@@ -257,11 +232,7 @@ pub(super) fn registry(cfg: &SiteConfig, out: &mut Problems) {
                             at().key("physical_address"),
                             format!("meter {id:?}: physical_address = {p}: HDLC addresses are 14 bits (0..=16383)"),
                         ),
-                        Some(p) => out.extend(claim(
-                            u32::from(p) << 16 | u32::from(m.logical_device),
-                            "physical_address",
-                            format!("physical_address {p} (logical_device {})", m.logical_device),
-                        )),
+                        Some(_) => {}
                     }
                     if m.logical_device > 0x3FFF {
                         out.at(
@@ -295,7 +266,7 @@ pub(super) fn registry(cfg: &SiteConfig, out: &mut Problems) {
                         at().key("unit_id"),
                         format!("meter {id:?}: unit_id = {u}: expected 1..=247 (0 is broadcast, 248..=255 reserved)"),
                     ),
-                    Some(u) => out.extend(claim(u32::from(u), "unit_id", format!("unit_id {u}"))),
+                    Some(_) => {}
                 }
                 if m.auth != AuthKind::None || m.keys.is_some() {
                     let key = if m.keys.is_some() { "keys" } else { "auth" };
