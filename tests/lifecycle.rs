@@ -13,7 +13,7 @@ use common::daemon::{DaemonProcess, Observer};
 use common::mosquitto::Mosquitto;
 use common::site::addr_of;
 use common::TempDir;
-use meter_sim::{EndpointKind, EndpointSpec, Faults, FleetConfig, MeterSpec, SimEventKind, Simulator};
+use meter_sim::{EndpointKind, Faults, SimEventKind, Simulator};
 
 /// (registry id, logical device name)
 const METERS: [(&str, &str); 2] = [("SLOW", "SIMLIFE0001"), ("FAST", "SIMLIFE0002")];
@@ -30,24 +30,8 @@ impl Rig {
     /// The slow meter answers each request after `delay_ms`; the daemon drains for at
     /// most `drain_s`.
     async fn start(tag: &str, delay_ms: u32, drain_s: u64) -> Self {
-        let meters = METERS
-            .iter()
-            .enumerate()
-            .map(|(i, (_, name))| {
-                let mut m = MeterSpec::dlms(*name, i);
-                m.logical_device = i as u16 + 1;
-                m.control_mode = 2;
-                m
-            })
-            .collect();
-        let fleet = FleetConfig {
-            meters,
-            endpoints: vec![EndpointSpec::DlmsWrapperTcp {
-                bind: "127.0.0.1:0".parse().expect("addr"),
-                meters: vec![0, 1],
-            }],
-            ..FleetConfig::default()
-        };
+        let names = METERS.map(|(_, name)| name);
+        let fleet = common::site::wrapper_fleet(&names);
         let sim = Simulator::start(fleet).await.expect("simulator");
         sim.set_faults("SIMLIFE0001", Faults { response_delay_ms: delay_ms, ..Faults::default() }).expect("fault");
         let broker = Mosquitto::start();

@@ -16,7 +16,7 @@ use common::site::addr_of;
 use common::TempDir;
 use headend::config::MqttConfig;
 use headend::mqtt::{self, BrokerUrl, Client, Event, Protocol, QoS, Session};
-use meter_sim::{EndpointKind, EndpointSpec, FleetConfig, MeterSpec, Simulator};
+use meter_sim::{EndpointKind, Simulator};
 use serde_json::Value;
 use tokio::sync::Notify;
 
@@ -24,22 +24,7 @@ const WAIT: Duration = Duration::from_secs(20);
 
 /// Two DLMS meters behind one wrapper endpoint.
 async fn simulator() -> Simulator {
-    let meters = (0..2)
-        .map(|i| {
-            let mut m = MeterSpec::dlms(format!("SIM000000000{}", i + 1), i);
-            m.logical_device = i as u16 + 1;
-            m.control_mode = 2;
-            m
-        })
-        .collect();
-    let fleet = FleetConfig {
-        meters,
-        endpoints: vec![EndpointSpec::DlmsWrapperTcp {
-            bind: "127.0.0.1:0".parse().expect("addr"),
-            meters: vec![0, 1],
-        }],
-        ..FleetConfig::default()
-    };
+    let fleet = common::site::wrapper_fleet(&["SIM0000000001", "SIM0000000002"]);
     Simulator::start(fleet).await.expect("simulator")
 }
 

@@ -16,7 +16,7 @@ use common::mosquitto::Mosquitto;
 use common::observe::{endpoint, get, metric, request, wait_metric, wait_status};
 use common::site::addr_of;
 use common::TempDir;
-use meter_sim::{EndpointKind, EndpointSpec, Faults, FleetConfig, MeterSpec, Simulator};
+use meter_sim::{EndpointKind, Faults, FleetConfig, Simulator};
 
 /// (registry id, logical device name)
 const METERS: [(&str, &str); 2] = [("A", "SIMOBS00001"), ("OFF", "SIMOBS00002")];
@@ -31,26 +31,8 @@ struct Rig {
 
 impl Rig {
     async fn start(tag: &str, collection: bool) -> Self {
-        let meters = METERS
-            .iter()
-            .enumerate()
-            .map(|(i, (_, name))| {
-                let mut m = MeterSpec::dlms(*name, i);
-                m.logical_device = i as u16 + 1;
-                m.control_mode = 2;
-                m
-            })
-            .collect();
-        let fleet = FleetConfig {
-            meters,
-            endpoints: vec![EndpointSpec::DlmsWrapperTcp {
-                bind: "127.0.0.1:0".parse().expect("addr"),
-                meters: vec![0, 1],
-            }],
-            profile_period_s: 2,
-            profile_depth_days: 1,
-            ..FleetConfig::default()
-        };
+        let names = METERS.map(|(_, name)| name);
+        let fleet = FleetConfig { profile_period_s: 2, profile_depth_days: 1, ..common::site::wrapper_fleet(&names) };
         let sim = Simulator::start(fleet).await.expect("simulator");
         sim.set_faults("SIMOBS00002", Faults { offline: true, ..Faults::default() }).expect("fault");
         let broker = Mosquitto::start();

@@ -4,9 +4,32 @@
 use headend::config::SiteConfig;
 use headend::dlms::counter::CounterStore;
 use headend::driver::{Driver, Link};
-use meter_sim::{EndpointKind, Simulator};
+use meter_sim::{EndpointKind, EndpointSpec, FleetConfig, MeterSpec, Simulator};
 
 use super::TempDir;
+
+/// DLMS meters with these serial numbers behind one wrapper endpoint (logical devices 1,
+/// 2, ... in order; no authentication; disconnect control mode 2).
+pub fn wrapper_fleet(names: &[&str]) -> FleetConfig {
+    let meters = names
+        .iter()
+        .enumerate()
+        .map(|(i, name)| {
+            let mut m = MeterSpec::dlms(*name, i);
+            m.logical_device = i as u16 + 1;
+            m.control_mode = 2;
+            m
+        })
+        .collect();
+    FleetConfig {
+        meters,
+        endpoints: vec![EndpointSpec::DlmsWrapperTcp {
+            bind: "127.0.0.1:0".parse().expect("addr"),
+            meters: (0..names.len()).collect(),
+        }],
+        ..FleetConfig::default()
+    }
+}
 
 /// The first bound TCP address of an endpoint kind.
 pub fn addr_of(sim: &Simulator, kind: EndpointKind) -> String {
